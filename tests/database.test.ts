@@ -1,0 +1,201 @@
+import { describe, expect, test } from "bun:test";
+import { createClient } from "@libsql/client";
+import { join } from "node:path";
+import { defineDatabaseTask, openDatabase, perform } from "../mod.ts";
+import { taskRows, temporaryDatabaseUrl, temporaryDirectory } from "./helpers.ts";
+
+describe("openDatabase()", () => {
+  test("creates the tasks table and its claim index", async () => {
+    const database = openDatabase(temporaryDatabaseUrl());
+    await database.ready();
+
+    const columns = await database.client.execute("SELECT name FROM pragma_table_info('tasks')");
+    expect(columns.rows.map((row) => row.name)).toEqual([
+      "id",
+      "name",
+      "data",
+      "created",
+      "failed_last",
+      "failed_nr",
+      "failed_error",
+      "run_at",
+      "state",
+      "attempts",
+      "locked_until",
+      "locked_by",
+      "priority",
+      "key",
+    ]);
+    const indexes = await database.client.execute("SELECT name FROM pragma_index_list('tasks')");
+    expect(indexes.rows.map((row) => row.name)).toContain("tasks_claim");
+    const version = await database.client.execute("PRAGMA user_version");
+    expect(version.rows[0].user_version).toBe(1);
+    database.close();
+  });
+
+  test("sets WAL, synchronous NORMAL and the busy timeout on a local file", async () => {
+    const database = openDatabase(temporaryDatabaseUrl(), { busyTimeout: "2s" });
+    await database.ready();
+
+    const state = await database.client.execute(
+      "SELECT journal_mode, synchronous, timeout FROM pragma_journal_mode, pragma_synchronous, pragma_busy_timeout",
+    );
+    expect(state.rows[0].journal_mode).toBe("wal");
+    expect(state.rows[0].synchronous).toBe(1);
+    expect(state.rows[0].timeout).toBe(2_000);
+    database.close();
+  });
+
+  test("defaults the busy timeout to 5 seconds", async () => {
+    const database = openDatabase(temporaryDatabaseUrl());
+    await database.ready();
+    const state = await database.client.execute("SELECT timeout FROM pragma_busy_timeout");
+    expect(state.rows[0].timeout).toBe(5_000);
+    database.close();
+  });
+
+  test("opening an existing database keeps its rows", async () => {
+    const url = temporaryDatabaseUrl();
+    const first = openDatabase(url);
+    const task = defineDatabaseTask(first, { name: "keep", process() {} });
+    const id = await perform(task, { kept: true });
+    first.close();
+
+    const second = openDatabase(url);
+    await second.ready();
+    const rows = await taskRows(second);
+    expect(rows.map((row) => row.id)).toEqual([id]);
+    expect(rows[0].data).toBe('{"kept":true}');
+    second.close();
+  });
+
+  test("works on :memory:", async () => {
+    const database = openDatabase(":memory:");
+    const task = defineDatabaseTask(database, { name: "memory", process() {} });
+    await perform(task, 1);
+    expect(await taskRows(database)).toHaveLength(1);
+    database.close();
+  });
+
+  test("accepts an existing libSQL client and leaves it open", async () => {
+    const directory = temporaryDirectory();
+    const client = createClient({ url: `file:${join(directory, "app.db")}`, timeout: 1_000 });
+    const database = openDatabase(client);
+    expect(database.url).toBeUndefined();
+    const task = defineDatabaseTask(database, { name: "shared", process() {} });
+    await perform(task, "hello");
+    database.close();
+
+    const result = await client.execute("SELECT data FROM tasks");
+    expect(result.rows[0].data).toBe('"hello"');
+    client.close();
+  });
+
+  test("migrates a plainweb task table and keeps its rows", async () => {
+    const url = temporaryDatabaseUrl();
+    const client = createClient({ url });
+    await client.execute(
+      "CREATE TABLE tasks (id TEXT PRIMARY KEY, name TEXT NOT NULL, data TEXT, created INTEGER NOT NULL, failed_last INTEGER, failed_nr INTEGER, failed_error TEXT)",
+    );
+    await client.execute(
+      "INSERT INTO tasks VALUES ('a', 'mail', '{\"to\":\"x\"}', 1000, NULL, NULL, NULL), ('b', 'mail', 'null', 2000, 5000, 2, 'boom')",
+    );
+    client.close();
+
+    const database = openDatabase(url);
+    await database.ready();
+    const rows = await taskRows(database);
+    expect(rows.map((row) => [row.id, row.state, row.run_at, row.attempts])).toEqual([
+      ["a", "pending", 1000, 0],
+      ["b", "pending", 5000, 2],
+    ]);
+    database.close();
+  });
+
+  test("rejects an application table named tasks that is not a task table", async () => {
+    const url = temporaryDatabaseUrl();
+    const client = createClient({ url });
+    await client.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, title TEXT, done INTEGER)");
+    client.close();
+
+    const database = openDatabase(url);
+    await expect(database.ready()).rejects.toThrow(
+      'already has a table "tasks" that is not a task table (it lacks the columns name, data, created',
+    );
+    database.close();
+  });
+
+  test("raises user_version but never lowers it", async () => {
+    const url = temporaryDatabaseUrl();
+    const client = createClient({ url });
+    await client.execute("PRAGMA user_version = 7");
+    client.close();
+
+    const database = openDatabase(url);
+    await database.ready();
+    const version = await database.client.execute("PRAGMA user_version");
+    expect(version.rows[0].user_version).toBe(7);
+    const columns = await database.client.execute(
+      "SELECT count(*) AS n FROM pragma_table_info('tasks')",
+    );
+    expect(columns.rows[0].n).toBe(14);
+    database.close();
+  });
+
+  test("throws when the directory does not exist", () => {
+    const missing = join(temporaryDirectory(), "missing", "tasks.db");
+    expect(() => openDatabase(`file:${missing}`)).toThrow(
+      `Cannot open database "file:${missing}"`,
+    );
+  });
+
+  test("perform() after close() rejects and writes nothing", async () => {
+    const url = temporaryDatabaseUrl();
+    const database = openDatabase(url);
+    const task = defineDatabaseTask(database, { name: "late", process() {} });
+    await database.ready();
+    database.close();
+    expect(database.closed).toBe(true);
+    await expect(perform(task, 1)).rejects.toThrow("The database is closed");
+
+    const reopened = openDatabase(url);
+    expect(await taskRows(reopened)).toEqual([]);
+    reopened.close();
+  });
+
+  test.each([
+    ["tasks.db", 'Invalid database URL "tasks.db": use "file:"'],
+    ["postgres://localhost/db", 'Invalid database URL "postgres://localhost/db"'],
+    ["", 'Invalid database URL ""'],
+  ])("rejects the URL %p", (url, message) => {
+    expect(() => openDatabase(url)).toThrow(message);
+  });
+
+  test("rejects a URL that is not a string or client", () => {
+    // deno-lint-ignore no-explicit-any
+    expect(() => openDatabase(42 as any)).toThrow(
+      'Invalid database URL: expected a string such as "file:tasks.db" or a libSQL Client, received 42',
+    );
+  });
+
+  test.each([
+    [
+      { busyTimeout: -1 },
+      TypeError,
+      'Invalid openDatabase() option "busyTimeout": expected a duration up to 1 h',
+    ],
+    [{ busyTimeout: "5 seconds" }, TypeError, 'received "5 seconds"'],
+    [
+      { watchInterval: 0 },
+      RangeError,
+      'Invalid openDatabase() option "watchInterval": expected a duration from 1ms to 1 min',
+    ],
+    [{ now: 5 }, TypeError, 'Invalid openDatabase() option "now": expected a function, received 5'],
+    [{ busytimeout: 5 }, TypeError, 'Unknown openDatabase() option "busytimeout"'],
+  ])("rejects the option %p", (options, errorClass, message) => {
+    // deno-lint-ignore no-explicit-any
+    const open = () => openDatabase(temporaryDatabaseUrl(), options as any);
+    expect(open).toThrow(errorClass);
+    expect(open).toThrow(message);
+  });
+});
