@@ -654,6 +654,10 @@ const sql = {
   // plus any higher-priority rows that are not yet due.
   createClaimIndex:
     "CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (name, state, priority DESC, run_at)",
+  // A key is unique per task name among pending and running rows only, so it is released when
+  // the row reaches an end state.
+  createKeyIndex: `CREATE UNIQUE INDEX IF NOT EXISTS tasks_key ON tasks (name, key)
+    WHERE key IS NOT NULL AND state IN ('pending', 'running')`,
   tableColumns: "SELECT name FROM pragma_table_info('tasks')",
   userVersion: "PRAGMA user_version",
   setUserVersion: "PRAGMA user_version = 1",
@@ -1027,6 +1031,7 @@ class SqliteStorage {
         );
       }
       await transaction.execute(sql.createClaimIndex);
+      await transaction.execute(sql.createKeyIndex);
 
       const version = await transaction.execute(sql.userVersion);
       // NOTE: user_version is shared with the application. tasklite only raises it, so an

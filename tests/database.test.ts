@@ -28,6 +28,7 @@ describe("openDatabase()", () => {
     ]);
     const indexes = await database.client.execute("SELECT name FROM pragma_index_list('tasks')");
     expect(indexes.rows.map((row) => row.name)).toContain("tasks_claim");
+    expect(indexes.rows.map((row) => row.name)).toContain("tasks_key");
     const version = await database.client.execute("PRAGMA user_version");
     expect(version.rows[0].user_version).toBe(1);
     database.close();
