@@ -3,7 +3,7 @@
  * database through libSQL, and runs the same code under Node.js, Bun and Deno.
  *
  * A task is a definition: a name, a `process` function and options. `perform` writes a row to
- * the `tasks` table; a runner claims due rows under a lease, runs them, and deletes the row of
+ * the `tasks` table. A runner claims due rows under a lease, runs them, and deletes the row of
  * each successful run. A failed run is retried with backoff until `maxAttempts` is reached, and
  * then the row stays with `state = 'failed'` and its last error.
  *
@@ -122,7 +122,7 @@ export interface Database {
   close(): void;
 }
 
-/** What {@linkcode TaskDefinition.process} receives for one attempt. */
+/** The context that {@linkcode TaskDefinition.process} receives for one attempt. */
 export interface TaskContext<T> {
   /** The task's name. */
   readonly name: string;
@@ -142,7 +142,7 @@ export interface TaskContext<T> {
   readonly signal: AbortSignal;
 }
 
-/** What {@linkcode TaskDefinition.success} receives after a successful attempt was recorded. */
+/** The context that {@linkcode TaskDefinition.success} receives after a recorded success. */
 export interface SuccessContext<T> {
   /** The task's name. */
   readonly name: string;
@@ -154,7 +154,7 @@ export interface SuccessContext<T> {
   readonly attempt: number;
 }
 
-/** What {@linkcode TaskDefinition.failed} receives after the last attempt failed. */
+/** The context that {@linkcode TaskDefinition.failed} receives after the last attempt failed. */
 export interface FailedContext<T> {
   /** The task's name. */
   readonly name: string;
@@ -278,7 +278,7 @@ export interface PerformOptions {
 export interface StopOptions {
   /**
    * How long to wait for running attempts. After it, their signals fire and their leases are
-   * released, so another runner can claim them at once; a released attempt does not count
+   * released, so another runner can claim them at once. A released attempt does not count
    * against `maxAttempts`.
    *
    * @default {"30s"}
@@ -295,8 +295,8 @@ export interface RunTasksOptions {
    */
   debug?: boolean;
   /**
-   * Where log lines go. Warnings and errors are always logged; starts and stops at info level;
-   * claims and results only with `debug`.
+   * The logger that receives log lines. Warnings and errors are always logged, and starts and
+   * stops at info level. Claims and results are logged only with `debug`.
    *
    * @default {console}
    */
@@ -326,7 +326,7 @@ export interface Runner {
    * resolves when every attempt is settled. Calling it again returns the same promise.
    */
   stop(options?: StopOptions): Promise<void>;
-  /** Resolves when the runners have stopped, whoever stopped them. */
+  /** Resolves when the runners have stopped, after `stop()`, the `signal` option or a signal. */
   readonly stopped: Promise<void>;
 }
 
@@ -355,7 +355,7 @@ function toMilliseconds(value: unknown): number | undefined {
   return Number(match[1]) * unitMilliseconds[match[2]];
 }
 
-/** A valibot schema that accepts a {@linkcode Duration} and outputs milliseconds. */
+/** Creates a valibot schema that accepts a {@linkcode Duration} and outputs milliseconds. */
 function durationSchema(maximum = Number.MAX_SAFE_INTEGER) {
   const expected = maximum === Number.MAX_SAFE_INTEGER
     ? `a duration (${durationHint})`
@@ -585,7 +585,7 @@ function toError(thrown: unknown): Error {
   return new Error(`Non-error value thrown: ${text}`, { cause: thrown });
 }
 
-/** The text stored in `failed_error`: the stack (which starts with the message) and causes. */
+/** Formats an error for `failed_error`: its stack, which starts with the message, and its causes. */
 function describeError(error: Error): string {
   let text = error.stack && error.stack.includes(error.message)
     ? error.stack
@@ -605,9 +605,9 @@ function describeError(error: Error): string {
 
 /*
  * States of a row in `tasks`:
- * - `pending`: waiting until `run_at`. `perform` inserts rows in this state; a runner moves a
- *   row back here after a failed attempt that has attempts left, when it stops before the
- *   attempt ends (releasing the lease), and when it finds a `running` row whose lease expired.
+ * - `pending`: waiting until `run_at`. `perform` inserts rows in this state. A runner moves a
+ *   row back here in three cases: after a failed attempt that has attempts left, when it stops
+ *   before the attempt ends and releases the lease, and when it finds an expired lease.
  * - `running`: claimed by the runner named in `locked_by` until `locked_until`. Only a claim
  *   moves a row here. The runner that holds the lease deletes the row after a success.
  * - `failed`: the last attempt failed, or the stored data could not be decoded. The row keeps
@@ -649,9 +649,9 @@ const sql = {
   createTasks: `CREATE TABLE IF NOT EXISTS tasks (${
     Object.entries(taskColumns).map(([column, type]) => `${column} ${type}`).join(", ")
   })`,
-  // The claim walks this index in claim order (name and state fixed, then priority, then
-  // run_at, then rowid, which every index entry ends with), so it reads only the rows it takes
-  // plus any higher-priority rows that are not yet due.
+  // The claim walks this index in claim order: name and state fixed, then priority, run_at and
+  // rowid (every index entry ends with the rowid). So it reads only the rows it takes, plus any
+  // higher-priority rows that are not yet due.
   createClaimIndex:
     "CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (name, state, priority DESC, run_at)",
   // A key is unique per task name among pending and running rows only, so it is released when
@@ -829,7 +829,7 @@ class SqliteStorage {
       });
       return;
     }
-    // SQLite's string limit is far above this, but one huge JSON argument holds the whole batch
+    // SQLite's string limit is far above this, but one huge JSON argument keeps the whole batch
     // in memory twice, so large batches are split into statements of one transaction.
     const chunkSize = 10_000;
     const statements: InStatement[] = [];
@@ -1046,6 +1046,22 @@ class SqliteStorage {
   }
 }
 
+/**
+ * Brands that mark databases and tasks across copies of this module. Two copies (for example
+ * `tasklite` from node_modules and a relative import of mod.ts) keep separate registries, so a
+ * value from the other copy is recognised only to explain the error.
+ */
+const databaseBrand = Symbol.for("tasklite.database");
+const taskBrand = Symbol.for("tasklite.task");
+
+function hasBrand(value: unknown, brand: symbol): boolean {
+  return typeof value === "object" && value !== null && brand in value;
+}
+
+const twoCopiesHint =
+  "it comes from another copy of tasklite (imported from two paths, such as a package and a " +
+  "relative path): import tasklite from one place";
+
 /** A process-wide registry of runners by database file, so a `perform` wakes them at once. */
 const runnersByDatabase = new Map<string, Set<TaskRunner>>();
 
@@ -1073,6 +1089,7 @@ class TaskDatabase implements Database {
   #watching = false;
   #busyTimeoutWarned = false;
   logger: Logger = consoleLogger;
+  readonly [databaseBrand] = true;
 
   constructor(
     client: Client,
@@ -1142,27 +1159,25 @@ class TaskDatabase implements Database {
   }
 
   async #flushInserts(): Promise<void> {
-    if (!this.#isReady) {
-      try {
-        await this.ready();
-      } catch (error) {
-        this.#insertScheduled = false;
-        for (const pending of this.#pendingInserts.splice(0)) pending.reject(error);
-        return;
+    try {
+      if (!this.#isReady) await this.ready();
+      while (this.#pendingInserts.length > 0) {
+        const batch = this.#pendingInserts.splice(0);
+        try {
+          await this.storage.insert(batch.map((pending) => pending.row));
+        } catch (error) {
+          for (const pending of batch) pending.reject(error);
+          continue;
+        }
+        for (const pending of batch) pending.resolve();
+        this.notify(batch.map((pending) => pending.row));
       }
+    } catch (error) {
+      // Only ready() gets here: every waiting perform gets its error.
+      for (const pending of this.#pendingInserts.splice(0)) pending.reject(error);
+    } finally {
+      this.#insertScheduled = false;
     }
-    while (this.#pendingInserts.length > 0) {
-      const batch = this.#pendingInserts.splice(0);
-      try {
-        await this.storage.insert(batch.map((pending) => pending.row));
-      } catch (error) {
-        for (const pending of batch) pending.reject(error);
-        continue;
-      }
-      for (const pending of batch) pending.resolve();
-      this.notify(batch.map((pending) => pending.row));
-    }
-    this.#insertScheduled = false;
   }
 
   /** Tells the runners of this database in this process about new rows. */
@@ -1171,7 +1186,19 @@ class TaskDatabase implements Database {
     if (runners === undefined) return;
     for (const runner of runners) {
       for (const row of rows) {
-        if (row.name === runner.name) runner.onInsert(row.runAt);
+        if (row.name !== runner.name) continue;
+        try {
+          runner.onInsert(row.runAt);
+        } catch (error) {
+          // The row is committed; the runner finds it at its next poll.
+          this.logger.error(
+            `Waking the runner of task "${row.name}" failed: ${toError(error).message}`,
+            {
+              task: row.name,
+              error: toError(error),
+            },
+          );
+        }
       }
     }
   }
@@ -1359,6 +1386,9 @@ export function openDatabase(
 
 function toTaskDatabase(database: unknown, context: string): TaskDatabase {
   if (database instanceof TaskDatabase) return database;
+  if (hasBrand(database, databaseBrand)) {
+    throw new TypeError(`Invalid database for ${context}: ${twoCopiesHint}`);
+  }
   throw new TypeError(
     `Invalid database for ${context}: expected the result of openDatabase(), received ${
       describeValue(database)
@@ -1546,7 +1576,7 @@ export function defineDatabaseTask<T>(
     failed: parsed.failed as TaskDefinition<unknown>["failed"],
     file,
   };
-  const task: Task<T> = Object.freeze({ name, database: taskDatabase });
+  const task: Task<T> = Object.freeze({ name, database: taskDatabase, [taskBrand]: true });
   taskInternals.set(task, internals);
   return task;
 }
@@ -1555,9 +1585,11 @@ function toTaskInternals(task: unknown, context: string): TaskInternals {
   const internals = typeof task === "object" && task !== null ? taskInternals.get(task) : undefined;
   if (internals === undefined) {
     throw new TypeError(
-      `Invalid task for ${context}: expected the result of defineDatabaseTask(), received ${
-        describeValue(task)
-      }`,
+      hasBrand(task, taskBrand)
+        ? `Invalid task for ${context}: ${twoCopiesHint}`
+        : `Invalid task for ${context}: expected the result of defineDatabaseTask(), received ${
+          describeValue(task)
+        }`,
     );
   }
   return internals;
@@ -1748,7 +1780,7 @@ export async function performMany<T>(
 // Claim, execute and settle: one runner per task
 // ---------------------------------------------------------------------------------------------
 
-/** The default backoff: 1 s doubling per attempt, capped at 1 h, with ±25 % jitter. */
+/** Returns the default backoff: 1 s doubling per attempt, capped at 1 h, with ±25 % jitter. */
 function defaultBackoff(attempt: number): number {
   const base = Math.min(3_600_000, 1_000 * 2 ** Math.min(attempt - 1, 30));
   return base * (0.75 + Math.random() * 0.5);
@@ -2087,10 +2119,15 @@ class TaskRunner {
       result instanceof Promise ||
       (typeof result === "object" && result !== null && "then" in result)
     ) {
-      (result as Promise<unknown>).then(
-        () => this.#succeed(attempt),
-        (error) => this.#fail(attempt, toError(error)),
-      );
+      try {
+        (result as Promise<unknown>).then(
+          () => this.#succeed(attempt),
+          (error) => this.#fail(attempt, toError(error)),
+        );
+      } catch (error) {
+        // A thenable whose then() throws.
+        this.#fail(attempt, toError(error));
+      }
     } else {
       this.#succeed(attempt);
     }
@@ -2531,7 +2568,7 @@ async function loadTaskDirectory(directory: string): Promise<Array<Task<unknown>
   } catch (error) {
     if ((error as { code?: string }).code === "ENOENT") {
       throw new Error(
-        `Task directory ${JSON.stringify(path)} does not exist: pass the directory that holds ` +
+        `Task directory ${JSON.stringify(path)} not found: pass the directory that contains ` +
           `the task modules, relative to ${JSON.stringify(resolvePath("."))} or absolute`,
         { cause: error },
       );
@@ -2566,6 +2603,9 @@ async function loadTaskDirectory(directory: string): Promise<Array<Task<unknown>
         `Cannot load task module ${JSON.stringify(file)}: ${toError(error).message}`,
         { cause: error },
       );
+    }
+    if (hasBrand(module.default, taskBrand) && !taskInternals.has(module.default as object)) {
+      throw new Error(`Task module ${JSON.stringify(file)} exports a task, but ${twoCopiesHint}`);
     }
     if (!taskInternals.has(module.default as object)) {
       throw new Error(
@@ -2604,7 +2644,7 @@ const stopOptionsSchema = v.strictObject({
   timeout: v.optional(durationSchema(), 30_000),
 });
 
-/** How often the runner looks for pending rows of tasks that no runner here knows. */
+/** How often a runner looks for pending rows of task names that it does not run, in ms. */
 const unknownNamesInterval = 60_000;
 
 /**

@@ -177,3 +177,22 @@ describe("defineDatabaseTask()", () => {
     }
   });
 });
+
+describe("two copies of tasklite", () => {
+  test("a task from another copy gets an error that says so", async () => {
+    // A query string makes the runtime load mod.ts a second time, as a second copy.
+    const other = await import(`../mod.ts?copy=${Date.now()}`);
+    const database = other.openDatabase(":memory:");
+    const foreign = other.defineDatabaseTask(database, { name: "foreign", process() {} });
+    const ours = await import("../mod.ts");
+    expect(other.perform).not.toBe(ours.perform);
+
+    await expect(ours.perform(foreign, 1)).rejects.toThrow(
+      "Invalid task for perform(): it comes from another copy of tasklite",
+    );
+    expect(() => ours.defineDatabaseTask(database, { name: "x", process() {} })).toThrow(
+      "Invalid database for defineDatabaseTask(): it comes from another copy of tasklite",
+    );
+    database.close();
+  });
+});

@@ -134,7 +134,7 @@ export const task = defineDatabaseTask(database, { process() {} });`,
   test("a missing directory says where it looked", async () => {
     const missing = join(temporaryDirectory(), "nope");
     await expect(runTasks(missing)).rejects.toThrow(
-      `Task directory ${JSON.stringify(missing)} does not exist`,
+      `Task directory ${JSON.stringify(missing)} not found`,
     );
   });
 

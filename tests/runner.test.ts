@@ -383,6 +383,30 @@ describe("runTasks()", () => {
     expect(rows.map((row) => [row.data, row.state])).toEqual([['"first"', "failed"]]);
   });
 
+  test("a thenable whose then() throws fails the attempt", async () => {
+    const database = open();
+    const errors: string[] = [];
+    const task = defineDatabaseTask(database, {
+      name: "bad-thenable",
+      maxAttempts: 1,
+      // deno-lint-ignore no-explicit-any
+      process(): any {
+        return {
+          then() {
+            throw new Error("then exploded");
+          },
+        };
+      },
+      failed({ error }) {
+        errors.push(error.message);
+      },
+    });
+    await perform(task, null);
+    await start([task]);
+    await waitFor(() => errors.length === 1);
+    expect(errors).toEqual(["then exploded"]);
+  });
+
   test("an error thrown by success() is logged and the task is not run again", async () => {
     const database = open();
     const logger = captureLogger();
