@@ -67,6 +67,25 @@ describe("runTasks()", () => {
     await waitFor(async () => (await taskRows(database)).length === 0);
   });
 
+  test("runs tasks on an in-memory database", async () => {
+    const database = open(":memory:");
+    const seen: number[] = [];
+    const task = defineDatabaseTask<number>(database, {
+      name: "memory",
+      backoff: 10,
+      process({ data, attempt }) {
+        if (data === 2 && attempt === 1) throw new Error("retry me");
+        seen.push(data);
+      },
+    });
+    await performMany(task, [1, 2, 3]);
+    await start([task]);
+
+    await waitFor(() => seen.length === 3);
+    expect(seen.sort()).toEqual([1, 2, 3]);
+    await waitFor(async () => (await taskRows(database)).length === 0);
+  });
+
   test("runs at most batchSize attempts at a time", async () => {
     const database = open();
     let running = 0;
