@@ -50,12 +50,35 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 /**
  * A length of time: milliseconds as a number, or a number followed by a unit: `"500ms"`,
  * `"30s"`, `"5m"`, `"1h"` or `"2d"`.
+ *
+ * @example Two ways to write 90 seconds
+ * ```ts
+ * import type { Duration } from "tasklite";
+ *
+ * const asNumber: Duration = 90_000;
+ * const asString: Duration = "1.5m";
+ * ```
  */
 export type Duration = number | `${number}${"ms" | "s" | "m" | "h" | "d"}`;
 
 /**
  * A logger with the four methods of `console`. Each call gets a readable message and an object
  * with the fields it mentions (task name, id, attempt, duration in ms).
+ *
+ * @example Log one JSON object per line
+ * ```ts
+ * import { type Logger, runTasks } from "tasklite";
+ *
+ * const write = (level: string) => (message: string, fields?: Record<string, unknown>) =>
+ *   console.log(JSON.stringify({ level, message, ...fields }));
+ * const logger: Logger = {
+ *   debug: write("debug"),
+ *   info: write("info"),
+ *   warn: write("warn"),
+ *   error: write("error"),
+ * };
+ * await runTasks("app/tasks", { logger });
+ * ```
  */
 export interface Logger {
   /** Logs a message that is only useful while debugging. */
@@ -68,7 +91,16 @@ export interface Logger {
   error(message: string, fields?: Record<string, unknown>): void;
 }
 
-/** Options of {@linkcode openDatabase}. */
+/**
+ * Options of {@linkcode openDatabase}.
+ *
+ * @example Wait longer for locks held by other processes
+ * ```ts
+ * import { openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db", { busyTimeout: "10s" });
+ * ```
+ */
 export interface DatabaseOptions {
   /**
    * How long a statement waits for another connection's write lock before it fails with
@@ -100,6 +132,19 @@ export interface DatabaseOptions {
 /**
  * A tasklite database: a libSQL client with the `tasks` table in place. Create it with
  * {@linkcode openDatabase}.
+ *
+ * @example Count the failed tasks with the same client
+ * ```ts
+ * import { openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * await database.ready();
+ * const result = await database.client.execute(
+ *   "SELECT count(*) AS failed FROM tasks WHERE state = 'failed'",
+ * );
+ * console.log(result.rows[0].failed);
+ * database.close();
+ * ```
  */
 export interface Database {
   /** The libSQL client. Use it for the application's own queries on the same database. */
@@ -122,7 +167,24 @@ export interface Database {
   close(): void;
 }
 
-/** The context that {@linkcode TaskDefinition.process} receives for one attempt. */
+/**
+ * The context that {@linkcode TaskDefinition.process} receives for one attempt.
+ *
+ * @example A process function declared on its own
+ * ```ts
+ * import { defineDatabaseTask, openDatabase, type TaskContext } from "tasklite";
+ *
+ * async function download({ data, attempt, signal }: TaskContext<{ url: string }>) {
+ *   console.log(`attempt ${attempt}: ${data.url}`);
+ *   await fetch(data.url, { signal });
+ * }
+ *
+ * const downloadTask = defineDatabaseTask(openDatabase("file:app.db"), {
+ *   name: "download",
+ *   process: download,
+ * });
+ * ```
+ */
 export interface TaskContext<T> {
   /** The task's name. */
   readonly name: string;
@@ -142,7 +204,24 @@ export interface TaskContext<T> {
   readonly signal: AbortSignal;
 }
 
-/** The context that {@linkcode TaskDefinition.success} receives after a recorded success. */
+/**
+ * The context that {@linkcode TaskDefinition.success} receives after a recorded success.
+ *
+ * @example Report the attempt that succeeded
+ * ```ts
+ * import { defineDatabaseTask, openDatabase } from "tasklite";
+ *
+ * const welcome = defineDatabaseTask<{ email: string }>(openDatabase("file:app.db"), {
+ *   name: "welcome",
+ *   async process({ data }) {
+ *     await fetch("https://mail.example/send", { method: "POST", body: data.email });
+ *   },
+ *   success({ id, attempt }) {
+ *     console.log(`task ${id} succeeded on attempt ${attempt}`);
+ *   },
+ * });
+ * ```
+ */
 export interface SuccessContext<T> {
   /** The task's name. */
   readonly name: string;
@@ -154,7 +233,24 @@ export interface SuccessContext<T> {
   readonly attempt: number;
 }
 
-/** The context that {@linkcode TaskDefinition.failed} receives after the last attempt failed. */
+/**
+ * The context that {@linkcode TaskDefinition.failed} receives after the last attempt failed.
+ *
+ * @example Report a task that used up its attempts
+ * ```ts
+ * import { defineDatabaseTask, openDatabase } from "tasklite";
+ *
+ * const welcome = defineDatabaseTask<{ email: string }>(openDatabase("file:app.db"), {
+ *   name: "welcome",
+ *   async process({ data }) {
+ *     await fetch("https://mail.example/send", { method: "POST", body: data.email });
+ *   },
+ *   failed({ id, attempts, error }) {
+ *     console.error(`task ${id} failed after ${attempts} attempts: ${error.message}`);
+ *   },
+ * });
+ * ```
+ */
 export interface FailedContext<T> {
   /** The task's name. */
   readonly name: string;
@@ -171,16 +267,60 @@ export interface FailedContext<T> {
 /**
  * A function that returns how long to wait before the next attempt, given the number of the
  * attempt that just failed (starting at 1) and its error.
+ *
+ * @example Wait 10 s more after each failed attempt
+ * ```ts
+ * import { type BackoffFunction, defineDatabaseTask, openDatabase } from "tasklite";
+ *
+ * const linear: BackoffFunction = (attempt) => attempt * 10_000;
+ *
+ * const sync = defineDatabaseTask(openDatabase("file:app.db"), {
+ *   name: "sync",
+ *   backoff: linear,
+ *   async process() {},
+ * });
+ * ```
  */
 export type BackoffFunction = (attempt: number, error: Error) => Duration;
 
-/** A valibot schema for a task's data, synchronous or asynchronous. */
+/**
+ * A valibot schema for a task's data, synchronous or asynchronous.
+ *
+ * @example A schema kept beside the task
+ * ```ts
+ * import * as v from "valibot";
+ * import type { DataSchema } from "tasklite";
+ *
+ * const invoiceSchema: DataSchema = v.object({
+ *   invoiceId: v.pipe(v.number(), v.integer()),
+ *   email: v.pipe(v.string(), v.email()),
+ * });
+ * ```
+ */
 // deno-lint-ignore no-explicit-any
 export type DataSchema<TInput = any, TOutput = TInput> =
   | v.GenericSchema<TInput, TOutput>
   | v.GenericSchemaAsync<TInput, TOutput>;
 
-/** The definition of a task, passed to {@linkcode defineDatabaseTask}. */
+/**
+ * The definition of a task, passed to {@linkcode defineDatabaseTask}.
+ *
+ * @example A definition with retries spaced one minute apart
+ * ```ts
+ * import { defineDatabaseTask, openDatabase, type TaskDefinition } from "tasklite";
+ *
+ * const shipOrder: TaskDefinition<{ orderId: number }> = {
+ *   name: "ship-order",
+ *   maxAttempts: 10,
+ *   backoff: "1m",
+ *   async process({ data }) {
+ *     console.log(`shipping order ${data.orderId}`);
+ *   },
+ * };
+ *
+ * const task = defineDatabaseTask(openDatabase("file:app.db"), shipOrder);
+ * ```
+ */
 export interface TaskDefinition<T> {
   /**
    * The task's name, which is stored in each row. Defaults to the file name, without extension,
@@ -250,6 +390,15 @@ export interface TaskDefinition<T> {
 /**
  * A task: the value that {@linkcode defineDatabaseTask} returns and that {@linkcode perform}
  * and {@linkcode runTasks} take.
+ *
+ * @example A function that accepts any task whose data is an email address
+ * ```ts
+ * import { perform, type Task } from "tasklite";
+ *
+ * async function enqueueFor(task: Task<{ email: string }>, email: string): Promise<string> {
+ *   return await perform(task, { email });
+ * }
+ * ```
  */
 export interface Task<T> {
   /** The task's name. */
@@ -260,7 +409,20 @@ export interface Task<T> {
   readonly __data?: T;
 }
 
-/** Options of {@linkcode perform} and {@linkcode performMany}. */
+/**
+ * Options of {@linkcode perform} and {@linkcode performMany}.
+ *
+ * @example Run at a fixed time, before other due tasks of the same name
+ * ```ts
+ * import { perform } from "tasklite";
+ * import monthlyReport from "./tasks/monthly-report.ts";
+ *
+ * await perform(monthlyReport, { month: "2025-01" }, {
+ *   runAt: new Date("2025-02-01T06:00:00Z"),
+ *   priority: 10,
+ * });
+ * ```
+ */
 export interface PerformOptions {
   /** Wait this long before the task becomes due. Cannot be combined with `runAt`. */
   delay?: Duration;
@@ -274,7 +436,18 @@ export interface PerformOptions {
   priority?: number;
 }
 
-/** Options of {@linkcode Runner.stop}. */
+/**
+ * Options of {@linkcode Runner.stop}.
+ *
+ * @example Give running attempts 10 seconds to finish
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * // ... when the process shuts down:
+ * await runner.stop({ timeout: "10s" });
+ * ```
+ */
 export interface StopOptions {
   /**
    * How long to wait for running attempts. After it, their signals fire and their leases are
@@ -286,7 +459,19 @@ export interface StopOptions {
   timeout?: Duration;
 }
 
-/** Options of {@linkcode runTasks}. */
+/**
+ * Options of {@linkcode runTasks}.
+ *
+ * @example Stop the runners with an AbortSignal
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const controller = new AbortController();
+ * await runTasks("app/tasks", { debug: true, signal: controller.signal, stopTimeout: "10s" });
+ * // ... later, to stop:
+ * controller.abort();
+ * ```
+ */
 export interface RunTasksOptions {
   /**
    * Log each claim, success and failure at debug level, with task name and id.
@@ -317,7 +502,18 @@ export interface RunTasksOptions {
   stopTimeout?: Duration;
 }
 
-/** The runners that {@linkcode runTasks} started, one for each task. */
+/**
+ * The runners that {@linkcode runTasks} started, one for each task.
+ *
+ * @example List the tasks, then stop
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * console.log(`running ${runner.tasks.join(", ")}`);
+ * await runner.stop();
+ * ```
+ */
 export interface Runner {
   /** The names of the tasks that are being run. */
   readonly tasks: readonly string[];
@@ -445,6 +641,19 @@ function parseOptions<TSchema extends v.GenericSchema>(
  * The error that {@linkcode perform} and {@linkcode performMany} throw when data fails the
  * task's schema. It is a valibot `ValiError`, so `issues` lists every problem with its path,
  * and the message names each one.
+ *
+ * @example Tell invalid data apart from other errors
+ * ```ts
+ * import { perform, TaskDataError } from "tasklite";
+ * import doubleOptIn from "./tasks/double-opt-in.ts";
+ *
+ * try {
+ *   await perform(doubleOptIn, { email: "not an address" });
+ * } catch (error) {
+ *   if (!(error instanceof TaskDataError)) throw error;
+ *   console.error(error.message); // Invalid data for task "double-opt-in": data.email: ...
+ * }
+ * ```
  */
 export class TaskDataError extends v.ValiError<DataSchema> {
   /** The name of the task that rejected the data. */
@@ -1536,6 +1745,32 @@ export function defineDatabaseTask<TSchema extends DataSchema>(
   database: Database,
   definition: TaskDefinition<v.InferOutput<TSchema>> & { schema: TSchema },
 ): Task<v.InferInput<TSchema>>;
+/**
+ * Defines a task without a schema that stores its runs in `database`. The data type `T` is
+ * given as a type argument, or inferred from `process`; {@linkcode perform} then checks only
+ * that the data survives a JSON round trip.
+ *
+ * The definition is validated here, as in the overload with a schema.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param definition See {@linkcode TaskDefinition}.
+ * @returns The task, for {@linkcode perform} and {@linkcode runTasks}.
+ * @throws {TypeError} When an option has the wrong type, or no name is given and none can be
+ *   derived from the calling module's file name.
+ * @throws {RangeError} When an option is out of range.
+ *
+ * @example A task with a data type and no schema
+ * ```ts
+ * import { defineDatabaseTask, openDatabase } from "tasklite";
+ *
+ * const deleteAccount = defineDatabaseTask<{ userId: number }>(openDatabase("file:app.db"), {
+ *   name: "delete-account",
+ *   async process({ data }) {
+ *     console.log(`deleting account ${data.userId}`);
+ *   },
+ * });
+ * ```
+ */
 export function defineDatabaseTask<T = unknown>(
   database: Database,
   definition: TaskDefinition<T>,

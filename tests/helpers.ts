@@ -1,12 +1,13 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll } from "bun:test";
 import type { Database, Logger } from "../mod.ts";
 
 const directories: string[] = [];
 
-afterAll(() => {
+// Bun evaluates this module once for all test files, so an afterAll hook here would run after
+// the first file only. Removing the directories when the process exits covers every file.
+process.once("exit", () => {
   for (const directory of directories.splice(0)) {
     rmSync(directory, { recursive: true, force: true });
   }
