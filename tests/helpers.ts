@@ -5,13 +5,12 @@ import type { Database, Logger } from "../mod.ts";
 
 const directories: string[] = [];
 
-// Bun evaluates this module once for all test files, so an afterAll hook here would run after
-// the first file only. Removing the directories when the process exits covers every file.
-process.once("exit", () => {
+/** Removes the directories that `temporaryDirectory` created. tests/setup.ts calls it once. */
+export function removeTemporaryDirectories(): void {
   for (const directory of directories.splice(0)) {
     rmSync(directory, { recursive: true, force: true });
   }
-});
+}
 
 /** Creates a temporary directory that is removed after the test file. */
 export function temporaryDirectory(prefix = "tasklite-"): string {
