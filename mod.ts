@@ -38,6 +38,7 @@ import {
   type Row,
 } from "@libsql/client";
 import * as v from "valibot";
+import { statSync } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
 import { basename, extname, join, resolve as resolvePath } from "node:path";
 import { setImmediate } from "node:timers";
@@ -124,7 +125,7 @@ export interface DatabaseOptions {
    * `PRAGMA data_version`. Lower values pick up tasks from other processes sooner and cost a
    * little more CPU while idle.
    *
-   * @default {"25ms"}
+   * @default {"40ms"}
    */
   watchInterval?: Duration;
 }
@@ -551,17 +552,33 @@ function toMilliseconds(value: unknown): number | undefined {
   return Number(match[1]) * unitMilliseconds[match[2]];
 }
 
-/** Creates a valibot schema that accepts a {@linkcode Duration} and outputs milliseconds. */
-function durationSchema(maximum = Number.MAX_SAFE_INTEGER) {
-  const expected = maximum === Number.MAX_SAFE_INTEGER
-    ? `a duration (${durationHint})`
-    : `a duration up to ${formatDuration(maximum)} (${durationHint})`;
+/**
+ * Creates a valibot schema that accepts a {@linkcode Duration} from `minimum` to `maximum`
+ * milliseconds and outputs milliseconds. A value that is not a duration fails as a type; a
+ * number out of range (negative, `Infinity`) fails as a range.
+ */
+function durationSchema(minimum = 0, maximum = Number.MAX_SAFE_INTEGER) {
+  let range: string;
+  if (minimum > 0 && maximum < Number.MAX_SAFE_INTEGER) {
+    range = `from ${formatDuration(minimum)} to ${formatDuration(maximum)}`;
+  } else if (minimum > 0) {
+    range = `of at least ${formatDuration(minimum)}`;
+  } else if (maximum < Number.MAX_SAFE_INTEGER) {
+    range = `up to ${formatDuration(maximum)}`;
+  } else {
+    range = "of 0 or more";
+  }
+  const expected = `a duration ${range} (${durationHint})`;
   return v.pipe(
-    v.custom<Duration>((value) => {
-      const milliseconds = toMilliseconds(value);
-      return milliseconds !== undefined && milliseconds <= maximum;
-    }, expected),
-    v.transform((value) => toMilliseconds(value) as number),
+    v.custom<Duration>(
+      (value) =>
+        (typeof value === "number" && !Number.isNaN(value)) ||
+        (typeof value === "string" && durationPattern.test(value)),
+      `a duration (${durationHint})`,
+    ),
+    v.transform((value) => typeof value === "number" ? value : toMilliseconds(value) as number),
+    v.minValue(minimum, expected),
+    v.maxValue(maximum, expected),
   );
 }
 
@@ -610,7 +627,11 @@ function parseOptions<TSchema extends v.GenericSchema>(
   const result = v.safeParse(schema, input);
   if (result.success) return result.output;
 
-  const issue = result.issues[0];
+  // A misspelled option also shows up as a missing one; the spelling is the cause to report.
+  const issue =
+    result.issues.find((candidate) =>
+      candidate.type.endsWith("object") && candidate.expected === "never"
+    ) ?? result.issues[0];
   const key = issue.path?.map((item) => String(item.key)).join(".");
   if (key === undefined) {
     throw new TypeError(
@@ -682,11 +703,17 @@ function isIdentifier(key: string): boolean {
   return /^[A-Za-z_$][\w$]*$/.test(key);
 }
 
+/** The deepest nesting of objects and arrays that task data may have. */
+const maxDataDepth = 1_000;
+
 /**
  * Returns why a value does not survive a JSON round trip unchanged, or `undefined` when it does.
  * `undefined` at the top level is allowed and stored as SQL NULL.
  */
 function findJsonProblem(value: unknown, path: string, ancestors: object[]): string | undefined {
+  if (ancestors.length >= maxDataDepth) {
+    return `${path} is nested more than ${maxDataDepth} levels deep; flatten the data`;
+  }
   switch (typeof value) {
     case "string":
     case "boolean":
@@ -763,8 +790,26 @@ function serializeData(data: unknown, task: string, where = "data"): string | nu
   if (problem !== undefined) {
     throw new TypeError(`Invalid data for task "${task}": ${problem}`);
   }
-  return JSON.stringify(data);
+  const json = JSON.stringify(data);
+  // A UTF-8 byte takes at least a third of a UTF-16 unit, so only long strings need counting.
+  if (json.length * 3 > maxValueBytes) {
+    const bytes = new TextEncoder().encode(json).length;
+    if (bytes > maxValueBytes) {
+      throw new RangeError(
+        `Invalid data for task "${task}": ${where} is ${bytes} bytes of JSON, above SQLite's ` +
+          `limit of ${maxValueBytes} bytes for one value. Store large payloads elsewhere (a ` +
+          `file or a table of your own) and pass a reference.`,
+      );
+    }
+  }
+  return json;
 }
+
+/**
+ * SQLite's default limit on the size of one value (SQLITE_MAX_LENGTH). libSQL stores a longer
+ * string as NULL without an error, so tasklite checks it before writing.
+ */
+const maxValueBytes = 1_000_000_000;
 
 /** "1 task", "2 tasks". */
 function countOf(count: number, noun: string): string {
@@ -785,27 +830,77 @@ const consoleLogger: Logger = {
 /** Turns any thrown value into an `Error`, keeping the original as `cause`. */
 function toError(thrown: unknown): Error {
   if (thrown instanceof Error) return thrown;
-  let text: string;
-  try {
-    text = typeof thrown === "string" ? thrown : JSON.stringify(thrown) ?? String(thrown);
-  } catch {
-    text = String(thrown);
-  }
-  return new Error(`Non-error value thrown: ${text}`, { cause: thrown });
+  const error = new Error(`Non-error value thrown: ${safeText(thrown)}`, { cause: thrown });
+  // The stack would point into this module, not to where the value was thrown.
+  error.stack = `Error: ${error.message}`;
+  wrappedThrows.add(error);
+  return error;
 }
 
-/** Formats an error for `failed_error`: its stack, which starts with the message, and its causes. */
+/** Errors that toError() made for thrown values, whose message already shows their cause. */
+const wrappedThrows = new WeakSet<Error>();
+
+/**
+ * Renders any value as text without throwing: JSON when possible, otherwise `String()`, and
+ * the value's type tag for objects that refuse both (no prototype, a throwing `toString`).
+ */
+function safeText(value: unknown): string {
+  if (typeof value === "string") return value;
+  try {
+    const json = JSON.stringify(value);
+    if (json !== undefined) return json;
+  } catch {
+    // Circular, BigInt inside, or a throwing toJSON: fall through.
+  }
+  try {
+    return String(value);
+  } catch {
+    return Object.prototype.toString.call(value);
+  }
+}
+
+/** The maximum length of the error text stored in `failed_error`, in characters. */
+const maxErrorText = 65_536;
+
+/**
+ * Formats an error for `failed_error`: its stack, which starts with the message, and its
+ * causes. Never throws, even for errors whose fields are not strings or throw when read.
+ */
 function describeError(error: Error): string {
-  let text = error.stack && error.stack.includes(error.message)
-    ? error.stack
-    : `${error.name}: ${error.message}${error.stack ? `\n${error.stack}` : ""}`;
-  let cause = error.cause;
-  for (let depth = 0; cause !== undefined && depth < 3; depth++) {
-    const causeError = toError(cause);
-    text += `\nCaused by: ${causeError.stack ?? `${causeError.name}: ${causeError.message}`}`;
-    cause = causeError.cause;
+  let text: string;
+  try {
+    text = describeOne(error);
+    // Errors chain through `cause`. A cause that is not an Error ends the chain, and is left out
+    // when toError() made the Error for it, because its message already shows it.
+    let current = error;
+    for (let depth = 0; current.cause instanceof Error && depth < 3; depth++) {
+      current = current.cause;
+      text += `\nCaused by: ${describeOne(current)}`;
+    }
+    if (current.cause !== undefined && !(current.cause instanceof Error)) {
+      if (!wrappedThrows.has(current)) text += `\nCaused by: ${safeText(current.cause)}`;
+    }
+  } catch {
+    text = `${safeText(error)} (its message and stack could not be read)`;
+  }
+  if (text.length > maxErrorText) {
+    text = `${text.slice(0, maxErrorText)}... (truncated, ${text.length} characters in all)`;
   }
   return text;
+}
+
+function describeOne(error: Error): string {
+  const message = safeText(error.message);
+  const stack = typeof error.stack === "string" ? error.stack : undefined;
+  if (stack !== undefined && stack.includes(message)) return stack;
+  const head = `${safeText(error.name)}: ${message}`;
+  return stack === undefined ? head : `${head}\n${stack}`;
+}
+
+/** Shortens an error message for a log line; the full text is stored in `failed_error`. */
+function logText(error: Error): string {
+  const message = safeText(error.message);
+  return message.length > 2_000 ? `${message.slice(0, 2_000)}... (truncated)` : message;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -872,6 +967,7 @@ const sql = {
   setUserVersion: "PRAGMA user_version = 1",
   journalModeWal: "PRAGMA journal_mode = WAL",
   synchronousNormal: "PRAGMA synchronous = NORMAL",
+  databaseFile: "SELECT file FROM pragma_database_list WHERE name = 'main'",
   connectionState:
     "SELECT data_version, synchronous, timeout FROM pragma_data_version, pragma_synchronous, pragma_busy_timeout",
 
@@ -918,8 +1014,10 @@ const sql = {
       failed_error = ?2, locked_until = NULL, locked_by = NULL
     WHERE id = ?3 AND locked_by = ?4 AND state = 'running'
     RETURNING id`,
+  // Looked up by id: there is no index on locked_by, and without the id list this scans the
+  // whole table.
   renew: `UPDATE tasks SET locked_until = ?1
-    WHERE locked_by = ?2 AND state = 'running'
+    WHERE locked_by = ?2 AND state = 'running' AND id IN (SELECT value FROM json_each(?3))
     RETURNING id`,
   // A released attempt gives its attempt back: it ended because the runner stopped, not because
   // the task failed.
@@ -1124,8 +1222,11 @@ class SqliteStorage {
     return applied;
   }
 
-  async renew(token: string, lockedUntil: number): Promise<Set<string>> {
-    const result = await this.execute({ sql: sql.renew, args: [lockedUntil, token] });
+  async renew(token: string, ids: string[], lockedUntil: number): Promise<Set<string>> {
+    const result = await this.execute({
+      sql: sql.renew,
+      args: [lockedUntil, token, JSON.stringify(ids)],
+    });
     return new Set(result.rows.map((row) => row.id as string));
   }
 
@@ -1163,6 +1264,12 @@ class SqliteStorage {
    * Reads the connection's `data_version` and whether `synchronous = NORMAL` is set, and sets
    * it again when a new pooled connection lacks it.
    */
+  /** Returns the path of the main database file, or "" for an in-memory database. */
+  async databaseFile(): Promise<string> {
+    const result = await this.execute(sql.databaseFile);
+    return (result.rows[0]?.file as string | undefined) ?? "";
+  }
+
   async watchConnection(): Promise<number> {
     const result = await this.execute(sql.connectionState);
     const row = result.rows[0];
@@ -1282,7 +1389,8 @@ class TaskDatabase implements Database {
   readonly storage: SqliteStorage;
   /** The key of this database in `runnersByDatabase`: its absolute file path, or a unique id. */
   readonly identity: string;
-  readonly #ownsClient: boolean;
+  /** Closes the client when tasklite created it; undefined for a client passed in. */
+  readonly #closeClient: (() => void) | undefined;
   readonly #local: boolean;
   /** Whether other connections can write to the database, so `data_version` is worth watching. */
   readonly #shared: boolean;
@@ -1296,6 +1404,10 @@ class TaskDatabase implements Database {
   #watchTimer: ReturnType<typeof setInterval> | undefined;
   #dataVersion: number | undefined;
   #watching = false;
+  #watchTicks = 0;
+  /** The WAL file to fingerprint: null until looked up, undefined when there is none. */
+  #walFile: string | null | undefined = null;
+  #walState: string | undefined;
   #busyTimeoutWarned = false;
   logger: Logger = consoleLogger;
   readonly [databaseBrand] = true;
@@ -1305,13 +1417,14 @@ class TaskDatabase implements Database {
     url: string | undefined,
     options: ParsedDatabaseOptions,
     identity: string,
+    closeClient: (() => void) | undefined,
   ) {
     this.client = client;
     this.url = url;
-    this.#ownsClient = url !== undefined;
+    this.#closeClient = closeClient;
     this.#local = client.protocol === "file";
     this.#shared = this.#local && !identity.startsWith("memory:");
-    this.now = options.now;
+    this.now = options.now === Date.now ? Date.now : checkedClock(options.now);
     this.#watchInterval = options.watchInterval;
     this.storage = new SqliteStorage(client);
     this.identity = identity;
@@ -1347,9 +1460,12 @@ class TaskDatabase implements Database {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    for (const runner of [...(runnersByDatabase.get(this.identity) ?? [])]) {
+      if (runner.database === this) runner.onDatabaseClosed();
+    }
     this.#stopWatching();
     for (const pending of this.#pendingInserts.splice(0)) pending.reject(closedError());
-    if (this.#ownsClient) this.client.close();
+    this.#closeClient?.();
   }
 
   /**
@@ -1401,7 +1517,7 @@ class TaskDatabase implements Database {
         } catch (error) {
           // The row is committed; the runner finds it at its next poll.
           this.logger.error(
-            `Waking the runner of task "${row.name}" failed: ${toError(error).message}`,
+            `Waking the runner of task "${row.name}" failed: ${logText(toError(error))}`,
             {
               task: row.name,
               error: toError(error),
@@ -1444,12 +1560,40 @@ class TaskDatabase implements Database {
     if (this.#watchTimer !== undefined) clearInterval(this.#watchTimer);
     this.#watchTimer = undefined;
     this.#dataVersion = undefined;
+    this.#walState = undefined;
+  }
+
+  /**
+   * Returns a fingerprint of the WAL file (inode, size, modification time), which changes on
+   * every commit to the file. A `stat` costs a few microseconds where the `data_version` query
+   * costs about 50 to 150 (libSQL 0.18 prepares each statement anew), so idle ticks stat only.
+   */
+  #walFingerprint(): string | undefined {
+    if (typeof this.#walFile !== "string") return undefined;
+    try {
+      const info = statSync(this.#walFile);
+      return `${info.ino}:${info.size}:${info.mtimeMs}`;
+    } catch {
+      return "missing";
+    }
   }
 
   async #checkDataVersion(): Promise<void> {
     if (this.#watching || this.#closed) return;
     this.#watching = true;
     try {
+      if (this.#walFile === null) {
+        const file = await this.storage.databaseFile();
+        this.#walFile = file === "" ? undefined : `${file}-wal`;
+      }
+      // Query anyway about once a second, in case a file system keeps coarse modification times.
+      this.#watchTicks++;
+      const fingerprint = this.#walFingerprint();
+      const periodic =
+        this.#watchTicks % Math.max(1, Math.round(1_000 / this.#watchInterval)) === 0;
+      if (fingerprint !== undefined && fingerprint === this.#walState && !periodic) return;
+      this.#walState = fingerprint;
+
       const version = await this.storage.watchConnection();
       const changed = this.#dataVersion !== undefined && version !== this.#dataVersion;
       this.#dataVersion = version;
@@ -1463,6 +1607,23 @@ class TaskDatabase implements Database {
       this.#watching = false;
     }
   }
+}
+
+/**
+ * Wraps an injected clock so that a wrong return value (a `Date`, a string, NaN) fails loudly
+ * instead of being stored as `run_at`.
+ */
+function checkedClock(clock: () => number): () => number {
+  return () => {
+    const time = clock();
+    if (typeof time !== "number" || !Number.isFinite(time)) {
+      throw new TypeError(
+        `The "now" clock of openDatabase() returned ${describeValue(time)}: it must return ` +
+          `milliseconds since the epoch as a finite number, as Date.now() does`,
+      );
+    }
+    return time;
+  };
 }
 
 function closedError(): Error {
@@ -1488,19 +1649,13 @@ interface ParsedDatabaseOptions {
 }
 
 const databaseOptionsSchema = v.strictObject({
-  busyTimeout: v.optional(durationSchema(3_600_000), 5_000),
+  busyTimeout: v.optional(durationSchema(0, 3_600_000), 5_000),
   authToken: v.optional(v.string("a string")),
   now: v.optional(
     v.custom<() => number>((value) => typeof value === "function", "a function"),
     () => Date.now,
   ),
-  watchInterval: v.optional(
-    v.pipe(
-      durationSchema(60_000),
-      v.minValue(1, `a duration from 1ms to 1 min (${durationHint})`),
-    ),
-    25,
-  ),
+  watchInterval: v.optional(durationSchema(1, 60_000), 40),
 });
 
 const remoteSchemes = ["libsql:", "http:", "https:", "ws:", "wss:"];
@@ -1521,7 +1676,9 @@ let databaseCounter = 0;
  * Local files get WAL journaling, `synchronous = NORMAL` and a busy timeout. tasklite opens a
  * local file with one connection and funnels every statement through it, because the libSQL
  * driver is synchronous: a second connection waiting for a lock would block the event loop that
- * the first one needs to commit.
+ * the first one needs to commit. For the same reason, every `openDatabase()` of one file in one
+ * process shares that connection (the first call's `busyTimeout` applies), and the application
+ * should run its own queries through {@linkcode Database.client} rather than a second client.
  *
  * @param url A `file:` URL (`"file:tasks.db"`, `"file:/var/data/app.db"`), `":memory:"`, a
  *   remote `libsql://`, `http(s)://` or `ws(s)://` URL, or an existing libSQL `Client` (for
@@ -1547,7 +1704,7 @@ export function openDatabase(
 
   if (isClient(url)) {
     const identity = `client:${++databaseCounter}`;
-    return new TaskDatabase(url, undefined, parsed, identity);
+    return new TaskDatabase(url, undefined, parsed, identity, undefined);
   }
   if (typeof url !== "string") {
     throw new TypeError(
@@ -1556,6 +1713,14 @@ export function openDatabase(
     );
   }
 
+  // The native driver aborts the whole process on a NUL byte in a path, so reject control
+  // characters before it sees them.
+  if (/\p{Cc}/u.test(url)) {
+    throw new TypeError(
+      `Invalid database URL ${JSON.stringify(url)}: it contains a control character; ` +
+        `check how the URL was built`,
+    );
+  }
   const memory = url === ":memory:" || url === "file::memory:";
   const scheme = /^[a-z][a-z0-9+.-]*:/i.exec(url)?.[0].toLowerCase();
   if (!memory && scheme !== "file:" && !remoteSchemes.includes(scheme ?? "")) {
@@ -1566,31 +1731,65 @@ export function openDatabase(
     );
   }
 
-  let client: Client;
+  if (memory || scheme !== "file:") {
+    const client = createDatabaseClient(url, memory, parsed);
+    const identity = `${memory ? "memory" : "remote"}:${++databaseCounter}`;
+    return new TaskDatabase(client, url, parsed, identity, () => client.close());
+  }
+
+  const path = url.slice("file:".length).replace(/\?.*$/, "");
+  if (path === "") {
+    throw new TypeError(
+      `Invalid database URL ${JSON.stringify(url)}: the path is empty, which SQLite treats ` +
+        `as a temporary database that is lost on close; use "file:" followed by a path, such ` +
+        `as "file:tasks.db"`,
+    );
+  }
+  const identity = `file:${resolvePath(path.startsWith("//") ? fileURLToPath(url) : path)}`;
+
+  // Databases opened on one file in one process share one connection. Two connections would
+  // deadlock: one waiting for the other's write lock blocks the event loop that the other
+  // needs to commit.
+  let shared = sharedClients.get(identity);
+  if (shared === undefined || shared.client.closed) {
+    shared = { client: createDatabaseClient(url, false, parsed), users: 0 };
+    sharedClients.set(identity, shared);
+  }
+  shared.users++;
+  const entry = shared;
+  return new TaskDatabase(entry.client, url, parsed, identity, () => {
+    entry.users--;
+    if (entry.users > 0) return;
+    entry.client.close();
+    if (sharedClients.get(identity) === entry) sharedClients.delete(identity);
+  });
+}
+
+/** The clients of local files opened in this process, by absolute path, with their users. */
+const sharedClients = new Map<string, { client: Client; users: number }>();
+
+function createDatabaseClient(
+  url: string,
+  memory: boolean,
+  options: ParsedDatabaseOptions,
+): Client {
   try {
-    client = createClient({
+    return createClient({
       url: memory ? ":memory:" : url,
-      authToken: parsed.authToken,
-      timeout: parsed.busyTimeout,
-      // One connection for local files: see the function's documentation.
-      concurrency: scheme === "file:" || memory ? 1 : undefined,
+      authToken: options.authToken,
+      timeout: options.busyTimeout,
+      // One connection for local files: see the documentation of openDatabase().
+      concurrency: memory || url.toLowerCase().startsWith("file:") ? 1 : undefined,
     });
   } catch (error) {
+    const message = logText(toError(error));
+    const cannotOpen = /unable to open|CANTOPEN/i.test(message);
     throw new TypeError(
-      `Cannot open database ${JSON.stringify(url)}: ${(error as Error).message}. ` +
-        `Check that the path's directory exists and is writable.`,
+      `Cannot open database ${JSON.stringify(url)}: ${message}` +
+        (cannotOpen ? ". Check that the path's directory exists and is writable." : ""),
       { cause: error },
     );
   }
-
-  let identity: string;
-  if (scheme === "file:" && !memory) {
-    const path = url.slice("file:".length).replace(/\?.*$/, "");
-    identity = `file:${resolvePath(path.startsWith("//") ? fileURLToPath(url) : path)}`;
-  } else {
-    identity = `${memory ? "memory" : "remote"}:${++databaseCounter}`;
-  }
-  return new TaskDatabase(client, url, parsed, identity);
 }
 
 function toTaskDatabase(database: unknown, context: string): TaskDatabase {
@@ -1647,13 +1846,7 @@ const taskDefinitionSchema = v.strictObject({
     ),
   ),
   batchSize: v.optional(integerSchema(1, 10_000), 5),
-  pollInterval: v.optional(
-    v.pipe(
-      durationSchema(86_400_000),
-      v.minValue(10, `a duration from 10ms to 1d (${durationHint})`),
-    ),
-    1_000,
-  ),
+  pollInterval: v.optional(durationSchema(10, 86_400_000), 1_000),
   maxAttempts: v.optional(integerSchema(1, 1_000), 5),
   backoff: v.optional(
     v.union(
@@ -1664,17 +1857,8 @@ const taskDefinitionSchema = v.strictObject({
       `a duration (${durationHint}) or a function`,
     ),
   ),
-  timeout: v.optional(
-    v.pipe(durationSchema(), v.minValue(1, `a positive duration (${durationHint})`)),
-    300_000,
-  ),
-  lease: v.optional(
-    v.pipe(
-      durationSchema(86_400_000),
-      v.minValue(100, `a duration from 100ms to 1d (${durationHint})`),
-    ),
-    30_000,
-  ),
+  timeout: v.optional(durationSchema(1), 300_000),
+  lease: v.optional(durationSchema(100, 86_400_000), 30_000),
   process: v.custom<TaskDefinition<unknown>["process"]>(
     (value) => typeof value === "function",
     "a function",
@@ -1837,12 +2021,13 @@ function toTaskInternals(task: unknown, context: string): TaskInternals {
 const performOptionsSchema = v.strictObject({
   delay: v.optional(durationSchema()),
   runAt: v.optional(
-    v.union(
-      [
-        v.pipe(v.date(), v.check((date) => !Number.isNaN(date.getTime()))),
-        v.pipe(v.number(), v.finite(), v.safeInteger()),
-      ],
-      "a valid Date or milliseconds since the epoch",
+    v.pipe(
+      v.union([v.date(), v.number()], "a Date or milliseconds since the epoch"),
+      v.check(
+        (value) =>
+          value instanceof Date ? !Number.isNaN(value.getTime()) : Number.isSafeInteger(value),
+        "a valid Date or a whole number of milliseconds since the epoch",
+      ),
     ),
   ),
   priority: v.optional(integerSchema(-1_000_000, 1_000_000), 0),
@@ -1988,6 +2173,12 @@ export async function performMany<T>(
   const serialized: Array<string | null> = [];
   for (let index = 0; index < items.length; index++) {
     const where = `items[${index}]`;
+    if (!(index in items)) {
+      throw new TypeError(
+        `Invalid data for task "${internals.name}": ${where} is an empty array slot; fill it, ` +
+          `or pass undefined explicitly for a task without data`,
+      );
+    }
     if (internals.schema !== undefined) await validateData(internals, items[index], where);
     serialized.push(serializeData(items[index], internals.name, where));
   }
@@ -2049,7 +2240,9 @@ class RepeatLimiter {
 class Attempt {
   readonly row: ClaimedRow;
   readonly token: string;
+  /** When the attempt times out, on the monotonic clock (`performance.now()`). */
   readonly deadline: number;
+  /** When the attempt started, on the monotonic clock. */
   readonly startedAt: number;
   /** Created on first use: most tasks never read their signal. */
   controller: AbortController | undefined;
@@ -2122,6 +2315,10 @@ class TaskRunner {
   #errorDelay = 0;
   readonly #errors = new RepeatLimiter();
   #idleWaiters: Array<() => void> = [];
+  #stopping: Promise<void> | undefined;
+  #resolveStopped!: () => void;
+  /** Resolves when the runner has stopped, through `stop()` or a closed database. */
+  readonly stopped: Promise<void> = new Promise((resolve) => (this.#resolveStopped = resolve));
 
   constructor(task: TaskInternals, log: Logger, debug: boolean) {
     this.name = task.name;
@@ -2160,7 +2357,17 @@ class TaskRunner {
     if (this.#state !== "running") return;
     this.#checkNext = true;
     this.#schedulePump();
-    void this.#rescue();
+    void this.#renewThenRescue();
+  }
+
+  /**
+   * Renews this runner's own leases before looking for expired ones. After the event loop was
+   * blocked for longer than a lease, the poll and the heartbeat are both overdue; renewing
+   * first keeps the runner from rescuing, and running twice, an attempt that is still alive.
+   */
+  async #renewThenRescue(): Promise<void> {
+    if (this.#inFlight.size > 0) await this.#renewLeases();
+    await this.#rescue();
   }
 
   #wakeAtTime(time: number): void {
@@ -2240,7 +2447,7 @@ class TaskRunner {
         if (rows.length > 0) await this.#releaseRows(token, rows.map((row) => row.id));
         return;
       }
-      for (const row of rows) this.#startAttempt(row, token, now);
+      for (const row of rows) this.#startAttempt(row, token);
       if (rows.length < free) {
         this.#maybeDue = false;
         this.#checkNext = true;
@@ -2258,7 +2465,7 @@ class TaskRunner {
     if (this.database.closed) return;
     this.#errorDelay = Math.min(30_000, Math.max(100, this.#errorDelay * 2));
     const wait = this.#errorDelay * (0.75 + Math.random() * 0.5);
-    const message = toError(error).message;
+    const message = logText(toError(error));
     const { log, repeats } = this.#errors.shouldLog(message, Date.now());
     if (log) {
       this.#log.error(
@@ -2275,8 +2482,11 @@ class TaskRunner {
     }, wait);
   }
 
-  #startAttempt(row: ClaimedRow, token: string, now: number): void {
-    const attempt = new Attempt(row, token, now, now + this.#task.timeout);
+  #startAttempt(row: ClaimedRow, token: string): void {
+    // Timeouts measure elapsed time, so they use the monotonic clock: a step of the wall clock
+    // (or of an injected clock) must not lengthen or shorten an attempt.
+    const started = performance.now();
+    const attempt = new Attempt(row, token, started, started + this.#task.timeout);
     this.#inFlight.set(row.id, attempt);
     this.#deadlines.push(attempt);
     if (this.#deadlineTimer === undefined) this.#armDeadline();
@@ -2390,7 +2600,7 @@ class TaskRunner {
       } catch (backoffError) {
         this.#log.error(
           `Task "${this.name}": the backoff function threw, using the default: ${
-            toError(backoffError).message
+            logText(toError(backoffError))
           }`,
           { task: this.name, error: toError(backoffError) },
         );
@@ -2410,7 +2620,7 @@ class TaskRunner {
       this.#log.warn(
         `Task "${this.name}" ${attempt.row.id}: attempt ${number} of ${this.#task.maxAttempts} failed, retrying in ${
           formatDuration(wait)
-        }: ${error.message}`,
+        }: ${logText(error)}`,
         { task: this.name, id: attempt.row.id, attempt: number, error },
       );
     } else {
@@ -2420,7 +2630,9 @@ class TaskRunner {
         attempt,
       });
       this.#log.error(
-        `Task "${this.name}" ${attempt.row.id}: attempt ${number} of ${this.#task.maxAttempts} failed, no attempts left: ${error.message}`,
+        `Task "${this.name}" ${attempt.row.id}: attempt ${number} of ${this.#task.maxAttempts} failed, no attempts left: ${
+          logText(error)
+        }`,
         { task: this.name, id: attempt.row.id, attempt: number, error },
       );
     }
@@ -2441,7 +2653,7 @@ class TaskRunner {
       attempt,
     });
     this.#log.error(
-      `Task "${this.name}" ${attempt.row.id}: failed without retry: ${error.message}`,
+      `Task "${this.name}" ${attempt.row.id}: failed without retry: ${logText(error)}`,
       {
         task: this.name,
         id: attempt.row.id,
@@ -2503,10 +2715,12 @@ class TaskRunner {
         );
         continue;
       }
+      // A retried task is due again at its backoff: wake up for it without waiting for a poll.
+      if (entry.settlement?.kind === "retry") this.#wakeAtTime(entry.settlement.runAt);
       if (this.#debug && entry.settlement?.kind === "complete") {
         this.#log.debug(
           `Task "${this.name}" ${id}: attempt ${attempt.row.attempts} succeeded in ${
-            formatDuration(Date.now() - attempt.startedAt)
+            formatDuration(performance.now() - attempt.startedAt)
           }`,
           { task: this.name, id, attempt: attempt.row.attempts },
         );
@@ -2535,7 +2749,7 @@ class TaskRunner {
       } catch (error) {
         this.#log.error(
           `Task "${this.name}" ${attempt.row.id}: the ${after.kind} hook threw: ${
-            toError(error).message
+            logText(toError(error))
           }`,
           { task: this.name, id: attempt.row.id, error: toError(error) },
         );
@@ -2552,12 +2766,12 @@ class TaskRunner {
       this.#deadlineTimer = undefined;
       return;
     }
-    const wait = Math.max(0, head.deadline - this.database.now());
+    const wait = Math.max(0, head.deadline - performance.now());
     this.#deadlineTimer = setTimeout(() => this.#expireDeadlines(), Math.min(wait, 2_147_483_647));
   }
 
   #expireDeadlines(): void {
-    const now = this.database.now();
+    const now = performance.now();
     while (this.#deadlines.length > 0) {
       const head = this.#deadlines[0];
       if (!head.settled && head.deadline > now) break;
@@ -2596,9 +2810,13 @@ class TaskRunner {
     for (const [token, attempts] of byToken) {
       let held: Set<string>;
       try {
-        held = await this.database.storage.renew(token, this.database.now() + this.#task.lease);
+        held = await this.database.storage.renew(
+          token,
+          attempts.map((attempt) => attempt.row.id),
+          this.database.now() + this.#task.lease,
+        );
       } catch (error) {
-        this.#log.error(`Task "${this.name}": renewing leases failed: ${toError(error).message}`, {
+        this.#log.error(`Task "${this.name}": renewing leases failed: ${logText(toError(error))}`, {
           task: this.name,
           error: toError(error),
         });
@@ -2685,7 +2903,7 @@ class TaskRunner {
       this.#log.error(
         `Task "${this.name}": releasing ${ids.length} leases failed; they expire in ${
           formatDuration(this.#task.lease)
-        }: ${toError(error).message}`,
+        }: ${logText(toError(error))}`,
         { task: this.name, error: toError(error) },
       );
     }
@@ -2705,9 +2923,19 @@ class TaskRunner {
     });
   }
 
-  async stop(timeout: number): Promise<void> {
-    if (this.#state !== "running") return;
+  /**
+   * Stops claiming, waits up to `timeout` ms for running attempts, then aborts and releases the
+   * rest, records what finished, and waits for hooks for what is left of `timeout`.
+   */
+  stop(timeout: number): Promise<void> {
+    this.#stopping ??= this.#stop(timeout);
+    return this.#stopping;
+  }
+
+  async #stop(timeout: number): Promise<void> {
+    if (this.#state === "stopped") return;
     this.#state = "stopping";
+    const deadline = performance.now() + timeout;
     clearInterval(this.#pollTimer);
     clearTimeout(this.#wakeTimer);
     this.#wakeTimer = undefined;
@@ -2749,19 +2977,85 @@ class TaskRunner {
       } catch (error) {
         this.#log.error(
           `Task "${this.name}": recording ${this.#settlements.length} results failed while ` +
-            `stopping; those tasks run again after their lease expires: ${toError(error).message}`,
+            `stopping; those tasks run again after their lease expires: ${logText(toError(error))}`,
           { task: this.name, error: toError(error) },
         );
       }
     }
-    await Promise.all(this.#hooks);
 
+    // A hook that never settles must not hold the stop beyond its timeout.
+    const hooksDone = await this.#waitHooks(Math.max(0, deadline - performance.now()));
+    if (!hooksDone) {
+      this.#log.warn(
+        `Task "${this.name}": stopped with ${
+          countOf(this.#hooks.size, "success or failed hook")
+        } still running after the stop timeout of ${formatDuration(timeout)}`,
+        { task: this.name },
+      );
+    }
+    this.#end();
+  }
+
+  /** Resolves to whether every running hook settled within `timeout` ms. */
+  async #waitHooks(timeout: number): Promise<boolean> {
+    if (this.#hooks.size === 0) return true;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<false>((resolve) => {
+      timer = setTimeout(() => resolve(false), Math.min(timeout, 2_147_483_647));
+    });
+    const settled = Promise.all(this.#hooks).then(() => true as const);
+    const result = await Promise.race([settled, timedOut]);
+    clearTimeout(timer);
+    return result;
+  }
+
+  /**
+   * Stops at once because the database was closed under the runner: nothing can be written, so
+   * running attempts are aborted and finished results are dropped. Their rows keep their lease
+   * and run again after it expires.
+   */
+  onDatabaseClosed(): void {
+    if (this.#state === "stopped") return;
+    const running = this.#inFlight.size;
+    const unrecorded = this.#settlements.length;
+    for (const attempt of [...this.#inFlight.values()]) {
+      this.#finish(attempt);
+      attempt.abort(
+        new DOMException(
+          `Task "${this.name}" ${attempt.row.id}: the database was closed during the attempt`,
+          "AbortError",
+        ),
+      );
+    }
+    this.#settlements = [];
+    this.#log.warn(
+      `Task "${this.name}": the database was closed while its runner was running` +
+        (running + unrecorded > 0
+          ? `; ${countOf(running, "running attempt")} and ${
+            countOf(unrecorded, "finished result")
+          } were not recorded, so those tasks run again after their lease expires`
+          : "") +
+        ". Call runner.stop() before database.close().",
+      { task: this.name },
+    );
+    this.#end();
+  }
+
+  /** Clears every timer and leaves the database's registry, so the process can exit. */
+  #end(): void {
+    this.#state = "stopped";
+    clearInterval(this.#pollTimer);
+    clearTimeout(this.#wakeTimer);
+    clearTimeout(this.#retryTimer);
     clearInterval(this.#heartbeatTimer);
     clearTimeout(this.#deadlineTimer);
+    this.#wakeTimer = undefined;
+    this.#wakeAt = -Infinity;
+    this.#retryTimer = undefined;
     this.#heartbeatTimer = undefined;
     this.#deadlineTimer = undefined;
     this.database.unregister(this);
-    this.#state = "stopped";
+    this.#resolveStopped();
   }
 }
 
@@ -2791,7 +3085,10 @@ function isTypeScriptLoadError(error: unknown, file: string): boolean {
  * @throws {Error} When the directory is missing or empty, a module fails to load, or a module's
  *   default export is not a task. The message names the file.
  */
-async function loadTaskDirectory(directory: string): Promise<Array<Task<unknown>>> {
+async function loadTaskDirectory(
+  directory: string,
+  caller: string | undefined,
+): Promise<Array<Task<unknown>>> {
   const path = resolvePath(directory);
   let entries: string[];
   try {
@@ -2812,6 +3109,14 @@ async function loadTaskDirectory(directory: string): Promise<Array<Task<unknown>
   }
 
   const files = entries.filter(isTaskFile).sort();
+  // Importing the module that is waiting for runTasks() would wait for itself forever.
+  if (caller !== undefined && files.some((fileName) => join(path, fileName) === caller)) {
+    throw new Error(
+      `runTasks() was called from ${JSON.stringify(caller)}, which is in the task directory ` +
+        `it loads: move that module out of the directory, or start its name with "_" so that ` +
+        `runTasks() skips it`,
+    );
+  }
   if (files.length === 0) {
     throw new Error(
       `Task directory ${JSON.stringify(path)} has no task modules (.ts, .mts, .js or .mjs ` +
@@ -2835,7 +3140,7 @@ async function loadTaskDirectory(directory: string): Promise<Array<Task<unknown>
         );
       }
       throw new Error(
-        `Cannot load task module ${JSON.stringify(file)}: ${toError(error).message}`,
+        `Cannot load task module ${JSON.stringify(file)}: ${logText(toError(error))}`,
         { cause: error },
       );
     }
@@ -2872,11 +3177,11 @@ const runTasksOptionsSchema = v.strictObject({
   ),
   signal: v.optional(v.instance(AbortSignal, "an AbortSignal")),
   handleSignals: v.optional(v.boolean("true or false"), false),
-  stopTimeout: v.optional(durationSchema(), 30_000),
+  stopTimeout: v.optional(durationSchema(0, Infinity), 30_000),
 });
 
 const stopOptionsSchema = v.strictObject({
-  timeout: v.optional(durationSchema(), 30_000),
+  timeout: v.optional(durationSchema(0, Infinity), 30_000),
 });
 
 /** How often a runner looks for pending rows of task names that it does not run, in ms. */
@@ -2910,7 +3215,13 @@ export async function runTasks(
 
   let list: ReadonlyArray<Task<unknown>>;
   if (typeof tasks === "string") {
-    list = await loadTaskDirectory(tasks);
+    if (tasks.trim() === "") {
+      throw new TypeError(
+        `Invalid tasks for runTasks(): the directory path ${JSON.stringify(tasks)} is empty; ` +
+          `pass the directory of the task modules, such as "app/tasks"`,
+      );
+    }
+    list = await loadTaskDirectory(tasks, callerFile());
   } else if (Array.isArray(tasks)) {
     if (tasks.length === 0) {
       throw new TypeError(
@@ -2929,19 +3240,27 @@ export async function runTasks(
   const definitions = list.map((task, index) =>
     toTaskInternals(task, `runTasks() (item ${index})`)
   );
-  const byName = new Map<string, TaskInternals>();
+  // One runner per task name and database file: two databases on one file share its rows.
+  const byKey = new Map<string, TaskInternals>();
   for (const definition of definitions) {
-    const other = byName.get(definition.name);
+    const key = `${definition.database.identity}\n${definition.name}`;
+    const other = byKey.get(key);
     if (other !== undefined && other !== definition) {
+      let where = "";
+      if (other.file !== undefined && other.file === definition.file) {
+        where = ` (both defined in ${other.file})`;
+      } else if (other.file !== undefined && definition.file !== undefined) {
+        where = ` (in ${other.file} and ${definition.file})`;
+      }
       throw new Error(
-        `Two tasks are named ${JSON.stringify(definition.name)}${
-          other.file && definition.file ? ` (in ${other.file} and ${definition.file})` : ""
-        }: give each task its own name`,
+        `Two tasks are named ${JSON.stringify(definition.name)} on one database${where}: give ` +
+          `each task its own name`,
       );
     }
-    byName.set(definition.name, definition);
+    byKey.set(key, definition);
   }
-  const unique = [...byName.values()];
+  const unique = [...byKey.values()];
+  const names = [...new Set(unique.map((definition) => definition.name))];
 
   const databases = new Set(unique.map((definition) => definition.database));
   for (const database of databases) {
@@ -2952,31 +3271,26 @@ export async function runTasks(
   const runners = unique.map((definition) => new TaskRunner(definition, logger, parsed.debug));
   for (const runner of runners) runner.start();
   logger.info(
-    `tasklite: running ${countOf(runners.length, "task")}: ${[...byName.keys()].join(", ")}`,
-    {
-      tasks: [...byName.keys()],
-    },
+    `tasklite: running ${countOf(runners.length, "task")}: ${names.join(", ")}`,
+    { tasks: names },
   );
 
-  let stopPromise: Promise<void> | undefined;
-  let resolveStopped!: () => void;
-  const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
-
-  const unknownNames = watchUnknownNames(databases, new Set(byName.keys()), logger);
+  const unknownNames = watchUnknownNames(unique, logger);
   let removeSignalHandlers = () => {};
 
+  // The runners stop through stop(), the signal option, a signal, or their database closing.
+  const stopped = Promise.all(runners.map((runner) => runner.stopped)).then(() => {
+    clearInterval(unknownNames);
+    removeSignalHandlers();
+    logger.info(`tasklite: stopped ${countOf(runners.length, "task")}`, { tasks: names });
+  });
+
+  let stopPromise: Promise<void> | undefined;
   const stop = (stopOptions?: StopOptions): Promise<void> => {
     if (stopPromise !== undefined) return stopPromise;
     const { timeout } = parseOptions(stopOptionsSchema, stopOptions ?? {}, "stop()");
-    stopPromise = (async () => {
-      clearInterval(unknownNames);
-      removeSignalHandlers();
-      await Promise.all(runners.map((runner) => runner.stop(timeout)));
-      logger.info(`tasklite: stopped ${countOf(runners.length, "task")}`, {
-        tasks: [...byName.keys()],
-      });
-      resolveStopped();
-    })();
+    for (const runner of runners) void runner.stop(timeout);
+    stopPromise = stopped;
     return stopPromise;
   };
 
@@ -2997,26 +3311,31 @@ export async function runTasks(
     );
   }
 
-  return { tasks: [...byName.keys()], stop, stopped };
+  return { tasks: names, stop, stopped };
 }
 
 /** Warns once per name about pending rows that no task of this runner handles. */
 function watchUnknownNames(
-  databases: Set<TaskDatabase>,
-  known: Set<string>,
+  definitions: TaskInternals[],
   logger: Logger,
 ): ReturnType<typeof setInterval> {
+  const knownByDatabase = new Map<TaskDatabase, Set<string>>();
+  for (const definition of definitions) {
+    const known = knownByDatabase.get(definition.database) ?? new Set();
+    known.add(definition.name);
+    knownByDatabase.set(definition.database, known);
+  }
   const warned = new Set<string>();
   const check = async () => {
-    for (const database of databases) {
+    for (const [database, known] of knownByDatabase) {
       if (database.closed) continue;
-      let names: string[];
+      let pending: string[];
       try {
-        names = await database.storage.pendingNames();
+        pending = await database.storage.pendingNames();
       } catch {
         continue; // The task runners report database errors.
       }
-      for (const name of names) {
+      for (const name of pending) {
         if (known.has(name) || warned.has(name)) continue;
         warned.add(name);
         logger.warn(

@@ -172,6 +172,53 @@ describe("openDatabase()", () => {
     expect(() => openDatabase(url)).toThrow(message);
   });
 
+  test("rejects a URL with a NUL byte before the driver sees it", () => {
+    expect(() => openDatabase("file:/tmp/a\u0000b.db")).toThrow(
+      'Invalid database URL "file:/tmp/a\\u0000b.db": it contains a control character',
+    );
+  });
+
+  test("rejects a file URL with an empty path", () => {
+    expect(() => openDatabase("file:")).toThrow(
+      'Invalid database URL "file:": the path is empty, which SQLite treats as a temporary database',
+    );
+  });
+
+  test("databases opened on one file in one process share a connection", async () => {
+    const url = temporaryDatabaseUrl();
+    const first = openDatabase(url);
+    const second = openDatabase(url);
+    expect(second.client).toBe(first.client);
+
+    // The application's transaction holds the connection; the perform waits for its commit
+    // instead of blocking the event loop on a second connection's lock.
+    await first.ready();
+    const task = defineDatabaseTask(second, { name: "shared-connection", process() {} });
+    const transaction = await first.client.transaction("write");
+    await transaction.execute("CREATE TABLE app (value TEXT)");
+    const performed = perform(task, 1);
+    await transaction.execute("INSERT INTO app VALUES ('x')");
+    await transaction.commit();
+    await performed;
+    expect(await taskRows(second)).toHaveLength(1);
+
+    first.close();
+    expect(second.client.closed).toBe(false);
+    second.close();
+    expect(second.client.closed).toBe(true);
+  });
+
+  test("a clock that returns something other than milliseconds fails loudly", async () => {
+    // deno-lint-ignore no-explicit-any
+    const database = openDatabase(temporaryDatabaseUrl(), { now: () => new Date() as any });
+    const task = defineDatabaseTask(database, { name: "date-clock", process() {} });
+    await expect(perform(task, 1)).rejects.toThrow(
+      'The "now" clock of openDatabase() returned a Date',
+    );
+    expect(await taskRows(database)).toEqual([]);
+    database.close();
+  });
+
   test("rejects a URL that is not a string or client", () => {
     // deno-lint-ignore no-explicit-any
     expect(() => openDatabase(42 as any)).toThrow(
@@ -182,14 +229,14 @@ describe("openDatabase()", () => {
   test.each([
     [
       { busyTimeout: -1 },
-      TypeError,
+      RangeError,
       'Invalid openDatabase() option "busyTimeout": expected a duration up to 1 h',
     ],
     [{ busyTimeout: "5 seconds" }, TypeError, 'received "5 seconds"'],
     [
       { watchInterval: 0 },
       RangeError,
-      'Invalid openDatabase() option "watchInterval": expected a duration from 1ms to 1 min',
+      'Invalid openDatabase() option "watchInterval": expected a duration from 1 ms to 1 min',
     ],
     [{ now: 5 }, TypeError, 'Invalid openDatabase() option "now": expected a function, received 5'],
     [{ busytimeout: 5 }, TypeError, 'Unknown openDatabase() option "busytimeout"'],

@@ -76,7 +76,12 @@ describe("defineDatabaseTask()", () => {
       TypeError,
       'option "timeout": expected a duration (milliseconds or a string such as "500ms", "30s", "5m", "1h" or "2d"), received "soon"',
     ],
-    ["zero timeout", { timeout: 0 }, RangeError, 'option "timeout": expected a positive duration'],
+    [
+      "zero timeout",
+      { timeout: 0 },
+      RangeError,
+      'option "timeout": expected a duration of at least 1 ms',
+    ],
     ["NaN timeout", { timeout: Number.NaN }, TypeError, 'option "timeout": expected a duration'],
     [
       "maxAttempts of 0",
@@ -88,13 +93,13 @@ describe("defineDatabaseTask()", () => {
       "pollInterval below 10ms",
       { pollInterval: 1 },
       RangeError,
-      'option "pollInterval": expected a duration from 10ms to 1d',
+      'option "pollInterval": expected a duration from 10 ms to 24 h',
     ],
     [
       "lease below 100ms",
       { lease: "10ms" },
       RangeError,
-      'option "lease": expected a duration from 100ms to 1d',
+      'option "lease": expected a duration from 100 ms to 24 h',
     ],
     [
       "backoff of the wrong type",

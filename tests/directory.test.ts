@@ -127,7 +127,22 @@ export const task = defineDatabaseTask(database, { process() {} });`,
       "b.ts": recordingTask("same"),
     });
     await expect(runTasks(directory)).rejects.toThrow(
-      `Two tasks are named "same" (in ${join(directory, "a.ts")} and ${join(directory, "b.ts")})`,
+      `Two tasks are named "same" on one database (in ${join(directory, "a.ts")} and ${
+        join(directory, "b.ts")
+      })`,
+    );
+  });
+
+  test("a worker module inside the directory it runs is rejected instead of hanging", async () => {
+    // Importing the worker would wait for its own top-level await forever.
+    const { directory } = taskDirectory({
+      "worker.ts": `import { runTasks } from ${JSON.stringify(library)};
+await runTasks(import.meta.dirname);`,
+    });
+    await expect(import(join(directory, "worker.ts"))).rejects.toThrow(
+      `runTasks() was called from ${
+        JSON.stringify(join(directory, "worker.ts"))
+      }, which is in the task directory it loads`,
     );
   });
 

@@ -182,6 +182,15 @@ describe("perform()", () => {
     database.close();
   });
 
+  test("rejects data nested more than 1000 levels deep", async () => {
+    const { database, task } = setup();
+    let deep: unknown = 1;
+    for (let level = 0; level < 20_000; level++) deep = [deep];
+    await expect(perform(task, deep)).rejects.toThrow("is nested more than 1000 levels deep");
+    expect(await taskRows(database)).toEqual([]);
+    database.close();
+  });
+
   test("accepts repeated references that are not circular", async () => {
     const { database, task } = setup();
     const shared = { a: 1 };
@@ -194,21 +203,21 @@ describe("perform()", () => {
     [
       "a negative delay",
       { delay: -5 },
-      TypeError,
-      'Invalid perform() option "delay": expected a duration',
+      RangeError,
+      'Invalid perform() option "delay": expected a duration of 0 or more',
     ],
     ["a malformed delay", { delay: "10 minutes" }, TypeError, 'received "10 minutes"'],
     [
       "an invalid Date",
       { runAt: new Date("nope") },
       TypeError,
-      'Invalid perform() option "runAt": expected a valid Date or milliseconds since the epoch',
+      'Invalid perform() option "runAt": expected a Date or milliseconds since the epoch, received a Date (Invalid Date)',
     ],
     [
       "a runAt string",
       { runAt: "2030-01-01" },
       TypeError,
-      'option "runAt": expected a valid Date or milliseconds since the epoch, received "2030-01-01"',
+      'option "runAt": expected a Date or milliseconds since the epoch, received "2030-01-01"',
     ],
     [
       "a fractional priority",
@@ -300,6 +309,16 @@ describe("performMany()", () => {
     const { database, task } = setup();
     await expect(performMany(task, [{ ok: 1 }, { bad: Number.NaN }])).rejects.toThrow(
       'Invalid data for task "mail": items[1].bad is NaN',
+    );
+    expect(await taskRows(database)).toEqual([]);
+    database.close();
+  });
+
+  test("rejects an empty slot in items", async () => {
+    const { database, task } = setup();
+    // deno-lint-ignore no-sparse-arrays
+    await expect(performMany(task, [1, , 3])).rejects.toThrow(
+      'Invalid data for task "mail": items[1] is an empty array slot',
     );
     expect(await taskRows(database)).toEqual([]);
     database.close();

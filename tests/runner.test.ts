@@ -557,7 +557,7 @@ describe("runTasks()", () => {
           await sleep(Math.random() * 3);
         },
       });
-    // Two databases on one file: two connections, as two processes would have.
+    // Two databases on one file share one connection; the multi-process tests cover separate ones.
     const first = makeTask(open(url));
     const second = makeTask(open(url));
     await performMany(first, Array.from({ length: 600 }, (_, index) => index));
@@ -786,6 +786,173 @@ describe("runTasks()", () => {
   });
 });
 
+describe("runTasks() edge cases", () => {
+  test("odd thrown values fail the attempt with a stored error", async () => {
+    const database = open();
+    const circular = Object.create(null);
+    circular.self = circular;
+    const numericStack = new Error("stack is a number");
+    // deno-lint-ignore no-explicit-any
+    (numericStack as any).stack = 42;
+    const errors: string[] = [];
+    const task = defineDatabaseTask<number>(database, {
+      name: "odd-throws",
+      maxAttempts: 1,
+      async process({ data }) {
+        await sleep(1);
+        throw data === 1 ? circular : numericStack;
+      },
+      failed({ error }) {
+        errors.push(error.message);
+      },
+    });
+    await performMany(task, [1, 2]);
+    await start([task]);
+
+    await waitFor(() => errors.length === 2);
+    expect(errors.sort()).toEqual(["Non-error value thrown: [object Object]", "stack is a number"]);
+    const rows = await taskRows(database);
+    expect(rows.map((row) => row.state)).toEqual(["failed", "failed"]);
+    expect(rows.map((row) => row.failed_error).sort()).toEqual([
+      "Error: stack is a number",
+      "Error: Non-error value thrown: [object Object]",
+    ].sort());
+  });
+
+  test("a retry after an asynchronous failure waits for the backoff, not the poll", async () => {
+    const database = open();
+    const attempts: number[] = [];
+    const task = defineDatabaseTask(database, {
+      name: "async-retry",
+      pollInterval: "1h",
+      backoff: 50,
+      async process({ attempt }) {
+        attempts.push(attempt);
+        await sleep(1);
+        if (attempt === 1) throw new Error("first attempt fails");
+      },
+    });
+    await perform(task, null);
+    await start([task]);
+    await waitFor(() => attempts.length === 2, { timeout: 3_000 });
+    expect(attempts).toEqual([1, 2]);
+  });
+
+  test("a hook that never settles does not hold stop() beyond its timeout", async () => {
+    const database = open();
+    const logger = captureLogger();
+    let ran = false;
+    const task = defineDatabaseTask(database, {
+      name: "endless-hook",
+      process() {
+        ran = true;
+      },
+      success() {
+        return new Promise(() => {});
+      },
+    });
+    await perform(task, null);
+    const runner = await start([task], { logger });
+    await waitFor(() => ran);
+    await waitFor(async () => (await taskRows(database)).length === 0);
+
+    await runner.stop({ timeout: 100 });
+    expect(logger.messages("warn")).toContain(
+      'Task "endless-hook": stopped with 1 success or failed hook still running after the stop timeout of 100 ms',
+    );
+  });
+
+  test("closing the database stops its runners and says what was not recorded", async () => {
+    const database = open();
+    const logger = captureLogger();
+    let started = false;
+    const task = defineDatabaseTask(database, {
+      name: "closed-under",
+      process({ signal }) {
+        started = true;
+        return new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve()));
+      },
+    });
+    await perform(task, null);
+    const runner = await start([task], { logger });
+    await waitFor(() => started);
+
+    database.close();
+    await runner.stopped;
+    expect(logger.messages("warn")).toContain(
+      'Task "closed-under": the database was closed while its runner was running; 1 running attempt and 0 finished results were not recorded, so those tasks run again after their lease expires. Call runner.stop() before database.close().',
+    );
+  });
+
+  test("a runner whose event loop was blocked past the lease does not run its task twice", async () => {
+    const database = open();
+    let runs = 0;
+    const task = defineDatabaseTask(database, {
+      name: "blocks-loop",
+      lease: 300,
+      pollInterval: 50,
+      async process() {
+        runs++;
+        await sleep(5);
+        const until = Date.now() + 700;
+        while (Date.now() < until) {
+          // Blocks the event loop, as CPU-bound work would.
+        }
+      },
+    });
+    await perform(task, null);
+    await start([task]);
+    await waitFor(async () => (await taskRows(database)).length === 0, { timeout: 3_000 });
+    await sleep(100);
+    expect(runs).toBe(1);
+  });
+
+  test("a timeout fires on time when the injected clock steps back", async () => {
+    let offset = 0;
+    const database = openDatabase(temporaryDatabaseUrl(), { now: () => Date.now() + offset });
+    databases.push(database);
+    const reasons: string[] = [];
+    const task = defineDatabaseTask(database, {
+      name: "clock-step",
+      timeout: 100,
+      maxAttempts: 1,
+      process({ signal }) {
+        offset = -3_600_000;
+        return new Promise<void>((_, reject) =>
+          signal.addEventListener("abort", () => {
+            reasons.push((signal.reason as DOMException).name);
+            reject(signal.reason);
+          })
+        );
+      },
+    });
+    await perform(task, null);
+    await start([task]);
+    await waitFor(() => reasons.length === 1, { timeout: 2_000 });
+    expect(reasons).toEqual(["TimeoutError"]);
+  });
+
+  test("tasks with one name on two databases each get a runner", async () => {
+    const first = open();
+    const second = open();
+    const seen: string[] = [];
+    const firstTask = defineDatabaseTask<string>(first, {
+      name: "same",
+      process: ({ data }) => void seen.push(data),
+    });
+    const secondTask = defineDatabaseTask<string>(second, {
+      name: "same",
+      process: ({ data }) => void seen.push(data),
+    });
+    await perform(firstTask, "first");
+    await perform(secondTask, "second");
+    const runner = await start([firstTask, secondTask]);
+    expect(runner.tasks).toEqual(["same"]);
+    await waitFor(() => seen.length === 2);
+    expect(seen.sort()).toEqual(["first", "second"]);
+  });
+});
+
 describe("runTasks() input", () => {
   test("rejects an empty array", async () => {
     await expect(runTasks([])).rejects.toThrow(
@@ -805,6 +972,12 @@ describe("runTasks() input", () => {
     const first = defineDatabaseTask(database, { name: "same", process() {} });
     const second = defineDatabaseTask(database, { name: "same", process() {} });
     await expect(runTasks([first, second])).rejects.toThrow('Two tasks are named "same"');
+  });
+
+  test("rejects an empty directory path", async () => {
+    await expect(runTasks("")).rejects.toThrow(
+      'Invalid tasks for runTasks(): the directory path "" is empty; pass the directory of the task modules',
+    );
   });
 
   test("rejects a value that is neither a directory nor an array", async () => {
