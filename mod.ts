@@ -140,6 +140,11 @@ export interface TaskContext<T> {
    * `AbortError`). Pass it to `fetch` and other cancellable calls.
    */
   readonly signal: AbortSignal;
+  /**
+   * The tick of the schedule that enqueued this run: the instant its cron pattern fired, which
+   * stays the same across retries. `undefined` for runs enqueued by {@linkcode perform}.
+   */
+  readonly scheduledFor?: Date;
 }
 
 /** What {@linkcode TaskDefinition.success} receives after a successful attempt was recorded. */
@@ -632,7 +637,32 @@ const taskColumns: Record<string, string> = {
   locked_by: "TEXT",
   priority: "INTEGER NOT NULL DEFAULT 0",
   key: "TEXT",
+  // A run that a schedule enqueued records the schedule's name and its tick in milliseconds,
+  // which the run receives as `scheduledFor`. Both are NULL for other runs. Its `key` is the
+  // schedule's name, "@" and the tick as an ISO string, so a tick has one live run.
+  schedule: "TEXT",
+  scheduled_for: "INTEGER",
 };
+
+/*
+ * A row in `schedules` is a cron schedule. `schedule()` and `runTasks` (for a task's `cron`
+ * option) insert it, or replace it when its definition changed, which raises `revision`. A
+ * scheduler moves `last_fired_at` forward to each tick it handles, in the same transaction
+ * that enqueues the tick's run. It does so only when `revision` and `last_fired_at` still have
+ * the values it read, and this condition makes each tick enqueue exactly once across
+ * processes. `unschedule()` deletes the row.
+ */
+const scheduleColumns = `name TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    data TEXT,
+    options TEXT NOT NULL,
+    source TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    last_fired_at INTEGER,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL`;
 
 /** The columns that plainweb's task table already has. */
 const plainwebColumns = [
@@ -658,6 +688,11 @@ const sql = {
   // the row reaches an end state.
   createKeyIndex: `CREATE UNIQUE INDEX IF NOT EXISTS tasks_key ON tasks (name, key)
     WHERE key IS NOT NULL AND state IN ('pending', 'running')`,
+  createSchedules: `CREATE TABLE IF NOT EXISTS schedules (${scheduleColumns})`,
+  // Only runs enqueued by a schedule are in this index, so it stays small.
+  createScheduleIndex: `CREATE INDEX IF NOT EXISTS tasks_schedule ON tasks (schedule, state)
+    WHERE schedule IS NOT NULL`,
+  schedulesTable: "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'schedules'",
   tableColumns: "SELECT name FROM pragma_table_info('tasks')",
   userVersion: "PRAGMA user_version",
   setUserVersion: "PRAGMA user_version = 1",
@@ -683,7 +718,7 @@ const sql = {
       WHERE name = ?3 AND state = 'pending' AND run_at <= ?4
       ORDER BY priority DESC, run_at, rowid
       LIMIT ?5)
-    RETURNING id, data, attempts, run_at, priority, created`,
+    RETURNING id, data, attempts, run_at, priority, created, scheduled_for`,
   // The earliest `run_at` of pending rows. The claim index is ordered by priority first, so the
   // query takes the minimum within each priority: one index seek per distinct priority instead
   // of a scan of every pending row.
@@ -735,6 +770,64 @@ const sql = {
       SELECT (SELECT min(name) FROM tasks WHERE state = 'pending' AND name > names.name)
       FROM names WHERE names.name IS NOT NULL)
     SELECT name FROM names WHERE name IS NOT NULL`,
+
+  // Inserts a schedule, or replaces a stored one whose definition differs. An unchanged
+  // schedule is left as it is and returns no row. `last_fired_at` is kept on a replacement,
+  // and ticks before `updated` are never enqueued, so the new pattern starts from now.
+  saveSchedule: `INSERT INTO schedules
+      (name, task, pattern, timezone, data, options, source, revision, created, updated)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8)
+    ON CONFLICT (name) DO UPDATE SET
+      task = excluded.task, pattern = excluded.pattern, timezone = excluded.timezone,
+      data = excluded.data, options = excluded.options, source = excluded.source,
+      revision = schedules.revision + 1, updated = excluded.updated
+    WHERE schedules.task IS NOT excluded.task OR schedules.pattern IS NOT excluded.pattern
+      OR schedules.timezone IS NOT excluded.timezone OR schedules.data IS NOT excluded.data
+      OR schedules.options IS NOT excluded.options OR schedules.source IS NOT excluded.source
+    RETURNING revision`,
+  // Runs in the transaction of saveSchedule, right after it: changes() is 1 only when the
+  // schedule was inserted or replaced. A run that has started (attempts > 0) is kept.
+  deleteReplacedOccurrences: `DELETE FROM tasks
+    WHERE schedule = ?1 AND state = 'pending' AND attempts = 0 AND changes() = 1
+    RETURNING id`,
+  deleteOccurrences: `DELETE FROM tasks
+    WHERE schedule = ?1 AND state = 'pending' AND attempts = 0
+    RETURNING id`,
+  deleteSchedule: "DELETE FROM schedules WHERE name = ?1 RETURNING name",
+  // Schedules that came from a task's `cron` option, other than the one it defines now. Each
+  // element of the JSON array is [task name, name of its cron schedule or null].
+  deleteStaleOccurrences: `DELETE FROM tasks
+    WHERE state = 'pending' AND attempts = 0 AND schedule IN (
+      SELECT name FROM schedules
+      WHERE source = 'definition' AND EXISTS (
+        SELECT 1 FROM json_each(?1) AS kept
+        WHERE kept.value ->> 0 = schedules.task AND schedules.name IS NOT kept.value ->> 1))
+    RETURNING id`,
+  deleteStaleSchedules: `DELETE FROM schedules
+    WHERE source = 'definition' AND EXISTS (
+      SELECT 1 FROM json_each(?1) AS kept
+      WHERE kept.value ->> 0 = schedules.task AND schedules.name IS NOT kept.value ->> 1)
+    RETURNING name, task`,
+  selectSchedules: `SELECT * FROM schedules
+    WHERE task IN (SELECT value FROM json_each(?1))
+    ORDER BY name`,
+  selectAllSchedules: "SELECT * FROM schedules ORDER BY name",
+  // The compare-and-set that makes a tick enqueue once: it changes the row only when no other
+  // scheduler handled a tick and the schedule was not replaced since this one read it.
+  advanceSchedule: `UPDATE schedules SET last_fired_at = ?1
+    WHERE name = ?2 AND revision = ?3 AND last_fired_at IS ?4`,
+  // Runs in the transaction of advanceSchedule, right after it, and inserts only when that
+  // update changed the row (changes() = 1). Each element of the JSON array is [id, tick, key].
+  // With overlap off (?6 = 0), it inserts nothing while a run of the schedule is pending or
+  // running. A live row with the same key makes the insert of that tick a no-op.
+  insertOccurrences: `INSERT INTO tasks
+      (id, name, data, created, run_at, priority, state, key, schedule, scheduled_for)
+    SELECT value ->> 0, ?1, ?2, ?3, value ->> 1, 0, 'pending', value ->> 2, ?4, value ->> 1
+    FROM json_each(?5)
+    WHERE changes() = 1 AND (?6 OR NOT EXISTS (
+      SELECT 1 FROM tasks WHERE schedule = ?4 AND state IN ('pending', 'running')))
+    ON CONFLICT DO NOTHING
+    RETURNING id, scheduled_for`,
 } as const;
 
 /** A row to insert. `data` is JSON text or null. */
@@ -755,6 +848,40 @@ interface ClaimedRow {
   runAt: number;
   priority: number;
   created: number;
+  /** The tick of the schedule that enqueued the row, or null. */
+  scheduledFor: number | null;
+}
+
+/** A row of `schedules`. `data` and `options` are JSON text. */
+interface StoredSchedule {
+  name: string;
+  task: string;
+  pattern: string;
+  timezone: string;
+  data: string | null;
+  options: string;
+  source: "definition" | "schedule";
+  revision: number;
+  lastFiredAt: number | null;
+  created: number;
+  updated: number;
+}
+
+/** A schedule to store, with the time of the call. */
+type NewSchedule = Omit<StoredSchedule, "revision" | "lastFiredAt" | "created" | "updated"> & {
+  now: number;
+};
+
+/** The ticks of a schedule to record, and the runs to insert for them. */
+interface Firing {
+  /** The schedule as the scheduler read it; the write applies only if it is unchanged. */
+  schedule: StoredSchedule;
+  /** The new `last_fired_at`: the latest tick handled, whether enqueued or skipped. */
+  lastFiredAt: number;
+  /** The ticks to enqueue, oldest first. */
+  ticks: number[];
+  overlap: boolean;
+  now: number;
 }
 
 /** A result to record for a running row, fenced by the claim's token. */
@@ -865,6 +992,7 @@ class SqliteStorage {
       runAt: row.run_at as number,
       priority: row.priority as number,
       created: row.created as number,
+      scheduledFor: row.scheduled_for as number | null,
     }));
     // RETURNING lists rows in the order they were updated, not in claim order.
     rows.sort((a, b) => b.priority - a.priority || a.runAt - b.runAt || a.created - b.created);
@@ -951,6 +1079,126 @@ class SqliteStorage {
   }
 
   /**
+   * Stores a schedule in one transaction with the removal of the pending runs of the schedule
+   * it replaces. Returns whether the schedule was created, replaced or already stored as it
+   * is, and the ids of the removed runs.
+   */
+  async saveSchedule(
+    schedule: NewSchedule,
+  ): Promise<{ change: "created" | "replaced" | "unchanged"; removed: string[] }> {
+    const [saved, deleted] = await this.run([
+      {
+        sql: sql.saveSchedule,
+        args: [
+          schedule.name,
+          schedule.task,
+          schedule.pattern,
+          schedule.timezone,
+          schedule.data,
+          schedule.options,
+          schedule.source,
+          schedule.now,
+        ],
+      },
+      { sql: sql.deleteReplacedOccurrences, args: [schedule.name] },
+    ]);
+    const removed = deleted.rows.map((row) => row.id as string);
+    const revision = saved.rows[0]?.revision;
+    if (revision === undefined) return { change: "unchanged", removed };
+    return { change: revision === 1 ? "created" : "replaced", removed };
+  }
+
+  /** Deletes a schedule and its runs that have not started, in one transaction. */
+  async deleteSchedule(name: string): Promise<{ deleted: boolean; removed: string[] }> {
+    const [occurrences, schedules] = await this.run([
+      { sql: sql.deleteOccurrences, args: [name] },
+      { sql: sql.deleteSchedule, args: [name] },
+    ]);
+    return {
+      deleted: schedules.rows.length > 0,
+      removed: occurrences.rows.map((row) => row.id as string),
+    };
+  }
+
+  /**
+   * Deletes the schedules that came from the `cron` option of the given tasks, except the one
+   * that each task defines now, with their runs that have not started.
+   *
+   * @param kept Pairs of a task name and the name of its `cron` schedule, or null.
+   * @returns The deleted schedules.
+   */
+  async deleteStaleSchedules(
+    kept: ReadonlyArray<[string, string | null]>,
+  ): Promise<Array<{ name: string; task: string }>> {
+    const json = JSON.stringify(kept);
+    const [, schedules] = await this.run([
+      { sql: sql.deleteStaleOccurrences, args: [json] },
+      { sql: sql.deleteStaleSchedules, args: [json] },
+    ]);
+    return schedules.rows.map((row) => ({ name: row.name as string, task: row.task as string }));
+  }
+
+  /** Reads the schedules of the given tasks, or every schedule. */
+  async schedules(tasks?: readonly string[]): Promise<StoredSchedule[]> {
+    const result = tasks === undefined
+      ? await this.execute(sql.selectAllSchedules)
+      : await this.execute({ sql: sql.selectSchedules, args: [JSON.stringify(tasks)] });
+    return result.rows.map((row): StoredSchedule => ({
+      name: row.name as string,
+      task: row.task as string,
+      pattern: row.pattern as string,
+      timezone: row.timezone as string,
+      data: row.data as string | null,
+      options: row.options as string,
+      source: row.source as StoredSchedule["source"],
+      revision: row.revision as number,
+      lastFiredAt: row.last_fired_at as number | null,
+      created: row.created as number,
+      updated: row.updated as number,
+    }));
+  }
+
+  /**
+   * Records the ticks of a schedule and inserts their runs, in one transaction. Returns whether
+   * this call recorded them (false when another scheduler did first, or the schedule was
+   * replaced or deleted since it was read) and the runs it inserted.
+   */
+  async fire(
+    firing: Firing,
+  ): Promise<{ advanced: boolean; inserted: Array<{ id: string; scheduledFor: number }> }> {
+    const { schedule } = firing;
+    const rows = firing.ticks.map((tick) => [
+      createTaskId(firing.now),
+      tick,
+      `${schedule.name}@${new Date(tick).toISOString()}`,
+    ]);
+    const [advanced, inserted] = await this.run([
+      {
+        sql: sql.advanceSchedule,
+        args: [firing.lastFiredAt, schedule.name, schedule.revision, schedule.lastFiredAt],
+      },
+      {
+        sql: sql.insertOccurrences,
+        args: [
+          schedule.task,
+          schedule.data,
+          firing.now,
+          schedule.name,
+          JSON.stringify(rows),
+          firing.overlap ? 1 : 0,
+        ],
+      },
+    ]);
+    return {
+      advanced: advanced.rowsAffected === 1,
+      inserted: inserted.rows.map((row) => ({
+        id: row.id as string,
+        scheduledFor: row.scheduled_for as number,
+      })),
+    };
+  }
+
+  /**
    * Reads the connection's `data_version` and whether `synchronous = NORMAL` is set, and sets
    * it again when a new pooled connection lacks it.
    */
@@ -996,7 +1244,9 @@ class SqliteStorage {
     if ((version.rows[0].user_version as number) < schemaVersion) return false;
     const columns = await this.execute(sql.tableColumns);
     const present = new Set(columns.rows.map((row) => row.name as string));
-    return Object.keys(taskColumns).every((column) => present.has(column));
+    if (!Object.keys(taskColumns).every((column) => present.has(column))) return false;
+    const schedules = await this.execute(sql.schedulesTable);
+    return schedules.rows.length > 0;
   }
 
   async #migrateInTransaction(): Promise<void> {
@@ -1032,6 +1282,8 @@ class SqliteStorage {
       }
       await transaction.execute(sql.createClaimIndex);
       await transaction.execute(sql.createKeyIndex);
+      await transaction.execute(sql.createScheduleIndex);
+      await transaction.execute(sql.createSchedules);
 
       const version = await transaction.execute(sql.userVersion);
       // NOTE: user_version is shared with the application. tasklite only raises it, so an
@@ -2075,6 +2327,9 @@ class TaskRunner {
       get signal() {
         return attempt.signal;
       },
+      scheduledFor: attempt.row.scheduledFor === null
+        ? undefined
+        : new Date(attempt.row.scheduledFor),
     };
     let result: unknown;
     try {
@@ -2392,7 +2647,15 @@ class TaskRunner {
   async #runRescuedFailedHook(row: RescuedRow): Promise<void> {
     if (this.#task.failed === undefined) return;
     const attempt = new Attempt(
-      { id: row.id, data: row.data, attempts: row.attempts, runAt: 0, priority: 0, created: 0 },
+      {
+        id: row.id,
+        data: row.data,
+        attempts: row.attempts,
+        runAt: 0,
+        priority: 0,
+        created: 0,
+        scheduledFor: null,
+      },
       "",
       0,
       0,
