@@ -37,6 +37,7 @@ import {
   type ResultSet,
   type Row,
 } from "@libsql/client";
+import { Cron } from "croner";
 import * as v from "valibot";
 import { statSync } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
@@ -203,6 +204,11 @@ export interface TaskContext<T> {
    * `AbortError`). Pass it to `fetch` and other cancellable calls.
    */
   readonly signal: AbortSignal;
+  /**
+   * The tick of the schedule that enqueued this run: the instant its cron pattern fired, which
+   * stays the same across retries. `undefined` for runs enqueued by {@linkcode perform}.
+   */
+  readonly scheduledFor?: Date;
 }
 
 /**
@@ -374,6 +380,14 @@ export interface TaskDefinition<T> {
    * @default {"30s"}
    */
   lease?: Duration;
+  /**
+   * A schedule that {@linkcode runTasks} stores and enqueues: a cron pattern such as
+   * `"0 3 * * *"` (UTC), or a {@linkcode CronDefinition} with data and options. The schedule is
+   * named after the task unless `name` is given. It is checked here, so an invalid pattern, time
+   * zone or option throws from `defineDatabaseTask`. When a task no longer defines it, the next
+   * `runTasks` removes the stored schedule.
+   */
+  cron?: string | CronDefinition<T>;
   /** Runs one attempt. A thrown error or a rejected promise fails the attempt. */
   process(context: TaskContext<T>): void | Promise<void>;
   /**
@@ -525,6 +539,160 @@ export interface Runner {
   stop(options?: StopOptions): Promise<void>;
   /** Resolves when the runners have stopped, after `stop()`, the `signal` option or a signal. */
   readonly stopped: Promise<void>;
+  /** The scheduler that enqueues the stored schedules of these tasks. */
+  readonly scheduler: Scheduler;
+}
+
+/**
+ * The policy for ticks that passed while no scheduler ran (after downtime):
+ * - `"none"`: skip them and wait for the next tick. The latest of them is still enqueued when
+ *   a scheduler handles it within one minute of its time, so a late timer or a restart within
+ *   that minute does not lose it.
+ * - `"latest"`: enqueue the most recent missed tick once, and skip the older ones.
+ * - `"all"`: enqueue every missed tick, at most `maxCatchUp` of them (the most recent ones).
+ */
+export type CatchUp = "none" | "latest" | "all";
+
+/** Options of {@linkcode schedule} and of a {@linkcode CronDefinition}. */
+export interface ScheduleOptions {
+  /**
+   * The schedule's name, unique per database. Registering another pattern or other data under
+   * the same name replaces the stored schedule.
+   *
+   * @default {the task's name}
+   */
+  name?: string;
+  /**
+   * The IANA time zone in which the pattern is read, such as `"Europe/Berlin"`.
+   *
+   * On a daylight-saving change, a fixed-time pattern runs once. Such a pattern has no `*` or
+   * step in its second, minute and hour fields, such as `"30 2 * * *"`. When its local time
+   * does not exist that day, it runs right after the change. When its local time happens
+   * twice, it runs at the first occurrence. Other patterns, such as every 5 minutes, run at every local time that exists, so
+   * their runs stay the same real time apart. A step in the hour field, such as every 2 hours,
+   * follows the local clock, so across a change two of its runs are 1 hour further apart or
+   * closer together.
+   *
+   * @default {"UTC"}
+   */
+  timezone?: string;
+  /**
+   * The policy for ticks missed during downtime: see {@linkcode CatchUp}.
+   *
+   * @default {"none"}
+   */
+  catchUp?: CatchUp;
+  /**
+   * With `catchUp: "all"`, the maximum number of missed ticks that one pass of the scheduler
+   * enqueues. Older missed ticks are skipped. Only allowed with `catchUp: "all"`.
+   *
+   * @default {100}
+   */
+  maxCatchUp?: number;
+  /**
+   * Whether a tick is enqueued while the previous run of this schedule is still pending or
+   * running. With `false`, such a tick is skipped.
+   *
+   * @default {true}
+   */
+  overlap?: boolean;
+}
+
+/** A schedule carried by a {@linkcode TaskDefinition} as its `cron` option. */
+export interface CronDefinition<T> extends ScheduleOptions {
+  /**
+   * A cron pattern: five fields (minute, hour, day of month, month, day of week), optionally a
+   * leading seconds field and a trailing year field, or a nickname such as `"@daily"`.
+   */
+  pattern: string;
+  /** The data of each run. It must pass the task's schema. */
+  data?: T;
+}
+
+/** A schedule registered by {@linkcode schedule}. */
+export interface ScheduleHandle {
+  /** The schedule's name. */
+  readonly name: string;
+  /** The name of the task that the schedule enqueues. */
+  readonly task: string;
+  /** The cron pattern. */
+  readonly pattern: string;
+  /** The IANA time zone of the pattern. */
+  readonly timezone: string;
+  /**
+   * Computes the first tick after `after`.
+   *
+   * @param after The instant to start from.
+   * @default {the database's clock}
+   * @returns The tick, or `null` when the pattern has no tick after `after`.
+   */
+  nextRun(after?: Date | number): Date | null;
+  /**
+   * Stops enqueueing this schedule in this process, until {@linkcode schedule} registers it
+   * again. The stored schedule stays, and schedulers in other processes keep enqueueing it;
+   * {@linkcode unschedule} removes it everywhere.
+   */
+  stop(): void;
+}
+
+/** A stored schedule, as {@linkcode listSchedules} returns it. */
+export interface ScheduleInfo {
+  /** The schedule's name. */
+  readonly name: string;
+  /** The name of the task that the schedule enqueues. */
+  readonly task: string;
+  /** The cron pattern. */
+  readonly pattern: string;
+  /** The IANA time zone of the pattern. */
+  readonly timezone: string;
+  /** The data of each run. */
+  readonly data: unknown;
+  /** The catch-up policy. */
+  readonly catchUp: CatchUp;
+  /** The catch-up limit, set only with `catchUp: "all"`. */
+  readonly maxCatchUp?: number;
+  /** Whether ticks are enqueued while the previous run is pending or running. */
+  readonly overlap: boolean;
+  /**
+   * The latest tick that a scheduler handled: enqueued, or skipped by the catch-up or overlap
+   * rule. `null` before the first tick.
+   */
+  readonly lastFiredAt: Date | null;
+  /** The next tick after now and after `lastFiredAt`, or `null` when the pattern has none. */
+  readonly nextFireAt: Date | null;
+  /** Whether the schedule came from a task's `cron` option rather than a `schedule()` call. */
+  readonly fromDefinition: boolean;
+}
+
+/** A run that a scheduler enqueued for a tick. */
+export interface Occurrence {
+  /** The name of the schedule. */
+  readonly schedule: string;
+  /** The name of the task. */
+  readonly task: string;
+  /** The id of the new run, as {@linkcode perform} would return it. */
+  readonly id: string;
+  /** The tick, which the run receives as {@linkcode TaskContext.scheduledFor}. */
+  readonly scheduledFor: Date;
+}
+
+/**
+ * The scheduler of a {@linkcode Runner}. It sleeps until the next tick of the stored schedules
+ * of the runner's tasks, then enqueues each due tick exactly once, however many processes run
+ * a scheduler on the same database.
+ */
+export interface Scheduler {
+  /**
+   * Enqueues every due tick now instead of waiting for the next timer. Tests call it after
+   * moving the database's clock.
+   *
+   * @param now The current time.
+   * @default {the database's clock}
+   * @returns The runs that this call enqueued. Ticks that another process enqueued first are
+   *   not included.
+   * @throws {Error} When the database cannot be read or written.
+   */
+  runOnce(now?: Date | number): Promise<Occurrence[]>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -936,7 +1104,32 @@ const taskColumns: Record<string, string> = {
   locked_by: "TEXT",
   priority: "INTEGER NOT NULL DEFAULT 0",
   key: "TEXT",
+  // A run that a schedule enqueued records the schedule's name and its tick in milliseconds,
+  // which the run receives as `scheduledFor`. Both are NULL for other runs. Its `key` is the
+  // schedule's name, "@" and the tick as an ISO string, so a tick has one live run.
+  schedule: "TEXT",
+  scheduled_for: "INTEGER",
 };
+
+/*
+ * A row in `schedules` is a cron schedule. `schedule()` and `runTasks` (for a task's `cron`
+ * option) insert it, or replace it when its definition changed, which raises `revision`. A
+ * scheduler moves `last_fired_at` forward to each tick it handles, in the same transaction
+ * that enqueues the tick's run. It does so only when `revision` and `last_fired_at` still have
+ * the values it read, and this condition makes each tick enqueue exactly once across
+ * processes. `unschedule()` deletes the row.
+ */
+const scheduleColumns = `name TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    data TEXT,
+    options TEXT NOT NULL,
+    source TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    last_fired_at INTEGER,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL`;
 
 /** The columns that plainweb's task table already has. */
 const plainwebColumns = [
@@ -962,6 +1155,11 @@ const sql = {
   // the row reaches an end state.
   createKeyIndex: `CREATE UNIQUE INDEX IF NOT EXISTS tasks_key ON tasks (name, key)
     WHERE key IS NOT NULL AND state IN ('pending', 'running')`,
+  createSchedules: `CREATE TABLE IF NOT EXISTS schedules (${scheduleColumns})`,
+  // Only runs enqueued by a schedule are in this index, so it stays small.
+  createScheduleIndex: `CREATE INDEX IF NOT EXISTS tasks_schedule ON tasks (schedule, state)
+    WHERE schedule IS NOT NULL`,
+  schedulesTable: "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'schedules'",
   tableColumns: "SELECT name FROM pragma_table_info('tasks')",
   userVersion: "PRAGMA user_version",
   setUserVersion: "PRAGMA user_version = 1",
@@ -988,7 +1186,7 @@ const sql = {
       WHERE name = ?3 AND state = 'pending' AND run_at <= ?4
       ORDER BY priority DESC, run_at, rowid
       LIMIT ?5)
-    RETURNING id, data, attempts, run_at, priority, created`,
+    RETURNING id, data, attempts, run_at, priority, created, scheduled_for`,
   // The earliest `run_at` of pending rows. The claim index is ordered by priority first, so the
   // query takes the minimum within each priority: one index seek per distinct priority instead
   // of a scan of every pending row.
@@ -1042,6 +1240,64 @@ const sql = {
       SELECT (SELECT min(name) FROM tasks WHERE state = 'pending' AND name > names.name)
       FROM names WHERE names.name IS NOT NULL)
     SELECT name FROM names WHERE name IS NOT NULL`,
+
+  // Inserts a schedule, or replaces a stored one whose definition differs. An unchanged
+  // schedule is left as it is and returns no row. `last_fired_at` is kept on a replacement,
+  // and ticks before `updated` are never enqueued, so the new pattern starts from now.
+  saveSchedule: `INSERT INTO schedules
+      (name, task, pattern, timezone, data, options, source, revision, created, updated)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8)
+    ON CONFLICT (name) DO UPDATE SET
+      task = excluded.task, pattern = excluded.pattern, timezone = excluded.timezone,
+      data = excluded.data, options = excluded.options, source = excluded.source,
+      revision = schedules.revision + 1, updated = excluded.updated
+    WHERE schedules.task IS NOT excluded.task OR schedules.pattern IS NOT excluded.pattern
+      OR schedules.timezone IS NOT excluded.timezone OR schedules.data IS NOT excluded.data
+      OR schedules.options IS NOT excluded.options OR schedules.source IS NOT excluded.source
+    RETURNING revision`,
+  // Runs in the transaction of saveSchedule, right after it: changes() is 1 only when the
+  // schedule was inserted or replaced. A run that has started (attempts > 0) is kept.
+  deleteReplacedOccurrences: `DELETE FROM tasks
+    WHERE schedule = ?1 AND state = 'pending' AND attempts = 0 AND changes() = 1
+    RETURNING id`,
+  deleteOccurrences: `DELETE FROM tasks
+    WHERE schedule = ?1 AND state = 'pending' AND attempts = 0
+    RETURNING id`,
+  deleteSchedule: "DELETE FROM schedules WHERE name = ?1 RETURNING name",
+  // Schedules that came from a task's `cron` option, other than the one it defines now. Each
+  // element of the JSON array is [task name, name of its cron schedule or null].
+  deleteStaleOccurrences: `DELETE FROM tasks
+    WHERE state = 'pending' AND attempts = 0 AND schedule IN (
+      SELECT name FROM schedules
+      WHERE source = 'definition' AND EXISTS (
+        SELECT 1 FROM json_each(?1) AS kept
+        WHERE kept.value ->> 0 = schedules.task AND schedules.name IS NOT kept.value ->> 1))
+    RETURNING id`,
+  deleteStaleSchedules: `DELETE FROM schedules
+    WHERE source = 'definition' AND EXISTS (
+      SELECT 1 FROM json_each(?1) AS kept
+      WHERE kept.value ->> 0 = schedules.task AND schedules.name IS NOT kept.value ->> 1)
+    RETURNING name, task`,
+  selectSchedules: `SELECT * FROM schedules
+    WHERE task IN (SELECT value FROM json_each(?1))
+    ORDER BY name`,
+  selectAllSchedules: "SELECT * FROM schedules ORDER BY name",
+  // The compare-and-set that makes a tick enqueue once: it changes the row only when no other
+  // scheduler handled a tick and the schedule was not replaced since this one read it.
+  advanceSchedule: `UPDATE schedules SET last_fired_at = ?1
+    WHERE name = ?2 AND revision = ?3 AND last_fired_at IS ?4`,
+  // Runs in the transaction of advanceSchedule, right after it, and inserts only when that
+  // update changed the row (changes() = 1). Each element of the JSON array is [id, tick, key].
+  // With overlap off (?6 = 0), it inserts nothing while a run of the schedule is pending or
+  // running. A live row with the same key makes the insert of that tick a no-op.
+  insertOccurrences: `INSERT INTO tasks
+      (id, name, data, created, run_at, priority, state, key, schedule, scheduled_for)
+    SELECT value ->> 0, ?1, ?2, ?3, value ->> 1, 0, 'pending', value ->> 2, ?4, value ->> 1
+    FROM json_each(?5)
+    WHERE changes() = 1 AND (?6 OR NOT EXISTS (
+      SELECT 1 FROM tasks WHERE schedule = ?4 AND state IN ('pending', 'running')))
+    ON CONFLICT DO NOTHING
+    RETURNING id, scheduled_for`,
 } as const;
 
 /** A row to insert. `data` is JSON text or null. */
@@ -1062,6 +1318,40 @@ interface ClaimedRow {
   runAt: number;
   priority: number;
   created: number;
+  /** The tick of the schedule that enqueued the row, or null. */
+  scheduledFor: number | null;
+}
+
+/** A row of `schedules`. `data` and `options` are JSON text. */
+interface StoredSchedule {
+  name: string;
+  task: string;
+  pattern: string;
+  timezone: string;
+  data: string | null;
+  options: string;
+  source: "definition" | "schedule";
+  revision: number;
+  lastFiredAt: number | null;
+  created: number;
+  updated: number;
+}
+
+/** A schedule to store, with the time of the call. */
+type NewSchedule = Omit<StoredSchedule, "revision" | "lastFiredAt" | "created" | "updated"> & {
+  now: number;
+};
+
+/** The ticks of a schedule to record, and the runs to insert for them. */
+interface Firing {
+  /** The schedule as the scheduler read it; the write applies only if it is unchanged. */
+  schedule: StoredSchedule;
+  /** The new `last_fired_at`: the latest tick handled, whether enqueued or skipped. */
+  lastFiredAt: number;
+  /** The ticks to enqueue, oldest first. */
+  ticks: number[];
+  overlap: boolean;
+  now: number;
 }
 
 /** A result to record for a running row, fenced by the claim's token. */
@@ -1172,6 +1462,7 @@ class SqliteStorage {
       runAt: row.run_at as number,
       priority: row.priority as number,
       created: row.created as number,
+      scheduledFor: row.scheduled_for as number | null,
     }));
     // RETURNING lists rows in the order they were updated, not in claim order.
     rows.sort((a, b) => b.priority - a.priority || a.runAt - b.runAt || a.created - b.created);
@@ -1261,6 +1552,126 @@ class SqliteStorage {
   }
 
   /**
+   * Stores a schedule in one transaction with the removal of the pending runs of the schedule
+   * it replaces. Returns whether the schedule was created, replaced or already stored as it
+   * is, and the ids of the removed runs.
+   */
+  async saveSchedule(
+    schedule: NewSchedule,
+  ): Promise<{ change: "created" | "replaced" | "unchanged"; removed: string[] }> {
+    const [saved, deleted] = await this.run([
+      {
+        sql: sql.saveSchedule,
+        args: [
+          schedule.name,
+          schedule.task,
+          schedule.pattern,
+          schedule.timezone,
+          schedule.data,
+          schedule.options,
+          schedule.source,
+          schedule.now,
+        ],
+      },
+      { sql: sql.deleteReplacedOccurrences, args: [schedule.name] },
+    ]);
+    const removed = deleted.rows.map((row) => row.id as string);
+    const revision = saved.rows[0]?.revision;
+    if (revision === undefined) return { change: "unchanged", removed };
+    return { change: revision === 1 ? "created" : "replaced", removed };
+  }
+
+  /** Deletes a schedule and its runs that have not started, in one transaction. */
+  async deleteSchedule(name: string): Promise<{ deleted: boolean; removed: string[] }> {
+    const [occurrences, schedules] = await this.run([
+      { sql: sql.deleteOccurrences, args: [name] },
+      { sql: sql.deleteSchedule, args: [name] },
+    ]);
+    return {
+      deleted: schedules.rows.length > 0,
+      removed: occurrences.rows.map((row) => row.id as string),
+    };
+  }
+
+  /**
+   * Deletes the schedules that came from the `cron` option of the given tasks, except the one
+   * that each task defines now, with their runs that have not started.
+   *
+   * @param kept Pairs of a task name and the name of its `cron` schedule, or null.
+   * @returns The deleted schedules.
+   */
+  async deleteStaleSchedules(
+    kept: ReadonlyArray<[string, string | null]>,
+  ): Promise<Array<{ name: string; task: string }>> {
+    const json = JSON.stringify(kept);
+    const [, schedules] = await this.run([
+      { sql: sql.deleteStaleOccurrences, args: [json] },
+      { sql: sql.deleteStaleSchedules, args: [json] },
+    ]);
+    return schedules.rows.map((row) => ({ name: row.name as string, task: row.task as string }));
+  }
+
+  /** Reads the schedules of the given tasks, or every schedule. */
+  async schedules(tasks?: readonly string[]): Promise<StoredSchedule[]> {
+    const result = tasks === undefined
+      ? await this.execute(sql.selectAllSchedules)
+      : await this.execute({ sql: sql.selectSchedules, args: [JSON.stringify(tasks)] });
+    return result.rows.map((row): StoredSchedule => ({
+      name: row.name as string,
+      task: row.task as string,
+      pattern: row.pattern as string,
+      timezone: row.timezone as string,
+      data: row.data as string | null,
+      options: row.options as string,
+      source: row.source as StoredSchedule["source"],
+      revision: row.revision as number,
+      lastFiredAt: row.last_fired_at as number | null,
+      created: row.created as number,
+      updated: row.updated as number,
+    }));
+  }
+
+  /**
+   * Records the ticks of a schedule and inserts their runs, in one transaction. Returns whether
+   * this call recorded them (false when another scheduler did first, or the schedule was
+   * replaced or deleted since it was read) and the runs it inserted.
+   */
+  async fire(
+    firing: Firing,
+  ): Promise<{ advanced: boolean; inserted: Array<{ id: string; scheduledFor: number }> }> {
+    const { schedule } = firing;
+    const rows = firing.ticks.map((tick) => [
+      createTaskId(firing.now),
+      tick,
+      `${schedule.name}@${new Date(tick).toISOString()}`,
+    ]);
+    const [advanced, inserted] = await this.run([
+      {
+        sql: sql.advanceSchedule,
+        args: [firing.lastFiredAt, schedule.name, schedule.revision, schedule.lastFiredAt],
+      },
+      {
+        sql: sql.insertOccurrences,
+        args: [
+          schedule.task,
+          schedule.data,
+          firing.now,
+          schedule.name,
+          JSON.stringify(rows),
+          firing.overlap ? 1 : 0,
+        ],
+      },
+    ]);
+    return {
+      advanced: advanced.rowsAffected === 1,
+      inserted: inserted.rows.map((row) => ({
+        id: row.id as string,
+        scheduledFor: row.scheduled_for as number,
+      })),
+    };
+  }
+
+  /**
    * Reads the connection's `data_version` and whether `synchronous = NORMAL` is set, and sets
    * it again when a new pooled connection lacks it.
    */
@@ -1312,7 +1723,9 @@ class SqliteStorage {
     if ((version.rows[0].user_version as number) < schemaVersion) return false;
     const columns = await this.execute(sql.tableColumns);
     const present = new Set(columns.rows.map((row) => row.name as string));
-    return Object.keys(taskColumns).every((column) => present.has(column));
+    if (!Object.keys(taskColumns).every((column) => present.has(column))) return false;
+    const schedules = await this.execute(sql.schedulesTable);
+    return schedules.rows.length > 0;
   }
 
   async #migrateInTransaction(): Promise<void> {
@@ -1348,6 +1761,8 @@ class SqliteStorage {
       }
       await transaction.execute(sql.createClaimIndex);
       await transaction.execute(sql.createKeyIndex);
+      await transaction.execute(sql.createScheduleIndex);
+      await transaction.execute(sql.createSchedules);
 
       const version = await transaction.execute(sql.userVersion);
       // NOTE: user_version is shared with the application. tasklite only raises it, so an
@@ -1822,6 +2237,8 @@ interface TaskInternals {
   process: TaskDefinition<unknown>["process"];
   success: TaskDefinition<unknown>["success"];
   failed: TaskDefinition<unknown>["failed"];
+  /** The schedule of the `cron` option, validated but not yet stored. */
+  cron: ScheduleDefinition | undefined;
   /** The module file that defined the task, when known. */
   file: string | undefined;
 }
@@ -1865,6 +2282,12 @@ const taskDefinitionSchema = v.strictObject({
   ),
   success: optionalFunction("a function"),
   failed: optionalFunction("a function"),
+  cron: v.optional(
+    v.custom<string | CronDefinition<unknown>>(
+      (value) => typeof value === "string" || (typeof value === "object" && value !== null),
+      'a cron pattern such as "0 3 * * *" or an object with a "pattern"',
+    ),
+  ),
 });
 
 /**
@@ -1979,6 +2402,9 @@ export function defineDatabaseTask<T>(
     }
     name = derived;
   }
+  const cron = parsed.cron === undefined
+    ? undefined
+    : defineCronOption(parsed.cron, { name, database: taskDatabase });
 
   const internals: TaskInternals = {
     name,
@@ -1993,6 +2419,7 @@ export function defineDatabaseTask<T>(
     process: parsed.process as TaskDefinition<unknown>["process"],
     success: parsed.success as TaskDefinition<unknown>["success"],
     failed: parsed.failed as TaskDefinition<unknown>["failed"],
+    cron,
     file,
   };
   const task: Task<T> = Object.freeze({ name, database: taskDatabase, [taskBrand]: true });
@@ -2552,6 +2979,9 @@ class TaskRunner {
       get signal() {
         return attempt.signal;
       },
+      scheduledFor: attempt.row.scheduledFor === null
+        ? undefined
+        : new Date(attempt.row.scheduledFor),
     };
     let result: unknown;
     try {
@@ -2882,7 +3312,15 @@ class TaskRunner {
   async #runRescuedFailedHook(row: RescuedRow): Promise<void> {
     if (this.#task.failed === undefined) return;
     const attempt = new Attempt(
-      { id: row.id, data: row.data, attempts: row.attempts, runAt: 0, priority: 0, created: 0 },
+      {
+        id: row.id,
+        data: row.data,
+        attempts: row.attempts,
+        runAt: 0,
+        priority: 0,
+        created: 0,
+        scheduledFor: null,
+      },
       "",
       0,
       0,
@@ -3060,6 +3498,781 @@ class TaskRunner {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Schedules (cron)
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * With `catchUp: "none"`, the latest due tick is still enqueued when a scheduler handles it
+ * this long after its time, so a late timer or a quick restart does not skip it.
+ */
+const onTimeWindow = 60_000;
+
+/**
+ * The maximum time a scheduler sleeps between two reads of the stored schedules, so it finds
+ * schedules that another process stored, replaced or deleted within this time.
+ */
+const scheduleRefreshInterval = 60_000;
+
+const defaultMaxCatchUp = 100;
+
+const patternHint = 'A pattern has five fields, "minute hour day-of-month month day-of-week" ' +
+  '(for example "0 3 * * *"), optionally with a leading seconds field.';
+
+/** The options of a schedule that decide which ticks it enqueues, stored as JSON. */
+interface ScheduleRules {
+  catchUp: CatchUp;
+  maxCatchUp?: number;
+  overlap: boolean;
+}
+
+/** A validated schedule, ready to store. */
+interface ScheduleDefinition {
+  name: string;
+  task: string;
+  pattern: string;
+  timezone: string;
+  data: unknown;
+  /** The data as JSON text, or null for `undefined`. */
+  json: string | null;
+  rules: ScheduleRules;
+  source: StoredSchedule["source"];
+  cron: Cron;
+}
+
+const scheduleOptionEntries = {
+  name: v.optional(v.pipe(v.string(nameExpected), v.regex(namePattern, nameExpected))),
+  timezone: v.optional(v.string('an IANA time zone name such as "Europe/Berlin"'), "UTC"),
+  catchUp: v.optional(
+    v.picklist(["none", "latest", "all"], '"none", "latest" or "all"'),
+    "none",
+  ),
+  maxCatchUp: v.optional(integerSchema(1, 10_000)),
+  overlap: v.optional(v.boolean("true or false"), true),
+};
+
+const scheduleOptionsSchema = v.strictObject(scheduleOptionEntries);
+
+const cronDefinitionSchema = v.strictObject({
+  pattern: v.string('a cron pattern such as "0 3 * * *"'),
+  data: v.optional(v.unknown()),
+  ...scheduleOptionEntries,
+});
+
+/** The schedules of this process by database identity, so `schedule()` wakes them at once. */
+const schedulersByDatabase = new Map<string, Set<CronScheduler>>();
+
+/** The schedules that `ScheduleHandle.stop()` stopped in this process, by database identity. */
+const stoppedSchedules = new Map<string, Set<string>>();
+
+/**
+ * Parses a cron pattern in a time zone.
+ *
+ * Fixed-time patterns follow Vixie cron on daylight-saving changes: croner's default counts
+ * only a single value in each of the second, minute and hour fields as fixed, so `0 2,14 * * *`
+ * would skip its 02:00 run on a spring-forward day. "no-wildcard" counts every pattern without
+ * `*` or a step in those fields as fixed.
+ *
+ * @throws {TypeError} When the pattern cannot be parsed, naming the schedule.
+ * @throws {RangeError} When a field is out of range.
+ */
+function createCron(pattern: string, timezone: string, name: string): Cron {
+  const described = `${JSON.stringify(pattern)} for schedule ${JSON.stringify(name)}`;
+  // croner reads a string that contains a colon as a date and time to run once.
+  if (pattern.includes(":")) {
+    throw new TypeError(
+      `Invalid cron pattern ${described}: a date and time runs once, so enqueue it with ` +
+        `perform(task, data, { runAt }) instead. ${patternHint}`,
+    );
+  }
+  try {
+    return new Cron(pattern, { timezone, paused: true, fixedTimeRule: "no-wildcard" });
+  } catch (error) {
+    const message = toError(error).message.replace(/^CronPattern: /, "").replace(/\.$/, "");
+    const ErrorClass = error instanceof RangeError ? RangeError : TypeError;
+    throw new ErrorClass(`Invalid cron pattern ${described}: ${message}. ${patternHint}`, {
+      cause: error,
+    });
+  }
+}
+
+/** @throws {RangeError} When the runtime does not know the time zone. */
+function checkTimeZone(timezone: string, name: string): void {
+  try {
+    new Intl.DateTimeFormat("en-US", { timeZone: timezone });
+  } catch (error) {
+    throw new RangeError(
+      `Invalid time zone ${JSON.stringify(timezone)} for schedule ${JSON.stringify(name)}: ` +
+        `expected an IANA time zone name such as "Europe/Berlin" or "UTC"`,
+      { cause: error },
+    );
+  }
+}
+
+/** Returns the first tick after `after`, in milliseconds, or null when there is none. */
+function nextTick(cron: Cron, after: number): number | null {
+  return cron.nextRun(new Date(after))?.getTime() ?? null;
+}
+
+/**
+ * Validates a schedule: its options, time zone, pattern and data. Writes nothing.
+ *
+ * @param task The task's name and database; the task may still be being defined.
+ */
+function defineSchedule(
+  task: { name: string; database: TaskDatabase },
+  pattern: unknown,
+  data: unknown,
+  options: unknown,
+  source: StoredSchedule["source"],
+): ScheduleDefinition {
+  const givenName = (options as { name?: unknown } | undefined)?.name;
+  const displayName = typeof givenName === "string" && namePattern.test(givenName)
+    ? givenName
+    : task.name;
+  const parsed = parseOptions(
+    scheduleOptionsSchema,
+    options ?? {},
+    `schedule ${JSON.stringify(displayName)}`,
+  );
+  const name = parsed.name ?? task.name;
+  if (parsed.maxCatchUp !== undefined && parsed.catchUp !== "all") {
+    throw new TypeError(
+      `Invalid schedule ${JSON.stringify(name)} options: "maxCatchUp" only applies with ` +
+        `catchUp "all", received catchUp ${JSON.stringify(parsed.catchUp)}`,
+    );
+  }
+  if (typeof pattern !== "string") {
+    throw new TypeError(
+      `Invalid cron pattern for schedule ${JSON.stringify(name)}: expected a string such as ` +
+        `"0 3 * * *", received ${describeValue(pattern)}`,
+    );
+  }
+
+  checkTimeZone(parsed.timezone, name);
+  const cron = createCron(pattern, parsed.timezone, name);
+  const now = task.database.now();
+  if (nextTick(cron, now) === null) {
+    throw new RangeError(
+      `Cron pattern ${JSON.stringify(pattern)} for schedule ${JSON.stringify(name)} has no ` +
+        `tick after ${new Date(now).toISOString()}: check its day, month and year fields`,
+    );
+  }
+
+  const json = serializeData(data, task.name);
+  const rules: ScheduleRules = parsed.catchUp === "all"
+    ? {
+      catchUp: "all",
+      maxCatchUp: parsed.maxCatchUp ?? defaultMaxCatchUp,
+      overlap: parsed.overlap,
+    }
+    : { catchUp: parsed.catchUp, overlap: parsed.overlap };
+  return {
+    name,
+    task: task.name,
+    pattern,
+    timezone: parsed.timezone,
+    data,
+    json,
+    rules,
+    source,
+    cron,
+  };
+}
+
+/**
+ * Validates the `cron` option of a task definition.
+ *
+ * @throws {TypeError} When it is neither a pattern nor an object with a `pattern`.
+ */
+function defineCronOption(
+  cron: unknown,
+  task: { name: string; database: TaskDatabase },
+): ScheduleDefinition {
+  if (typeof cron === "string") return defineSchedule(task, cron, undefined, {}, "definition");
+
+  const context = `cron of task ${JSON.stringify(task.name)}`;
+  const { pattern, data, ...options } = parseOptions(cronDefinitionSchema, cron, context);
+  return defineSchedule(task, pattern, data, options, "definition");
+}
+
+/** Reads stored rules, falling back to the defaults for anything missing. */
+function parseRules(options: string): ScheduleRules {
+  const stored = JSON.parse(options) as Partial<ScheduleRules>;
+  const catchUp = stored.catchUp === "latest" || stored.catchUp === "all" ? stored.catchUp : "none";
+  return {
+    catchUp,
+    maxCatchUp: catchUp === "all" ? stored.maxCatchUp ?? defaultMaxCatchUp : undefined,
+    overlap: stored.overlap !== false,
+  };
+}
+
+/** Stores a validated schedule and wakes the schedulers of this process. */
+async function storeSchedule(
+  database: TaskDatabase,
+  definition: ScheduleDefinition,
+): Promise<{ change: "created" | "replaced" | "unchanged"; removed: string[] }> {
+  await database.ready();
+  if (database.closed) throw closedError();
+  const result = await database.storage.saveSchedule({
+    name: definition.name,
+    task: definition.task,
+    pattern: definition.pattern,
+    timezone: definition.timezone,
+    data: definition.json,
+    options: JSON.stringify(definition.rules),
+    source: definition.source,
+    now: database.now(),
+  });
+  stoppedSchedules.get(database.identity)?.delete(definition.name);
+  wakeSchedulers(database);
+  return result;
+}
+
+function wakeSchedulers(database: TaskDatabase): void {
+  for (const scheduler of schedulersByDatabase.get(database.identity) ?? []) scheduler.wake();
+}
+
+function toMillisecondsSinceEpoch(value: unknown, context: string): number {
+  const time = value instanceof Date ? value.getTime() : value;
+  if (typeof time !== "number" || !Number.isFinite(time)) {
+    throw new TypeError(
+      `Invalid time for ${context}: expected a valid Date or milliseconds since the epoch, ` +
+        `received ${describeValue(value)}`,
+    );
+  }
+  return time;
+}
+
+/** The plan of a scheduler pass for the due ticks of one schedule. */
+interface TickPlan {
+  /** The latest due tick, which becomes `last_fired_at`, or undefined when none is due. */
+  latest: number | undefined;
+  /** The ticks to enqueue, oldest first. */
+  enqueue: number[];
+  /** The number of due ticks left out, and whether older ones may exist beyond it. */
+  skipped: number;
+  more: boolean;
+}
+
+/**
+ * Decides which ticks after `from` and up to `now` to enqueue.
+ *
+ * It walks forward from `from` with `nextRun`, the same computation that sets the timer, and
+ * stops after one tick more than it may enqueue. Only when more ticks are due does it ask croner
+ * for the most recent ones, so a long downtime of a frequent schedule costs no more than a short
+ * one.
+ */
+function planTicks(cron: Cron, rules: ScheduleRules, from: number, now: number): TickPlan {
+  const limit = rules.catchUp === "all" ? rules.maxCatchUp ?? defaultMaxCatchUp : 1;
+  let due: number[] = [];
+  for (let tick = nextTick(cron, from); tick !== null && tick <= now; tick = nextTick(cron, tick)) {
+    due.push(tick);
+    if (due.length > limit) break;
+  }
+  const more = due.length > limit;
+  if (more) {
+    // previousRuns includes a tick in the same second as its reference, so `now + 1` includes
+    // a tick at exactly `now`.
+    due = cron.previousRuns(limit + 1, new Date(now + 1))
+      .map((date) => date.getTime())
+      .filter((tick) => tick > from && tick <= now)
+      .reverse();
+  }
+  if (due.length === 0) return { latest: undefined, enqueue: [], skipped: 0, more: false };
+
+  const latest = due[due.length - 1];
+  let enqueue: number[];
+  if (rules.catchUp === "none") enqueue = now - latest <= onTimeWindow ? [latest] : [];
+  else enqueue = due.slice(-limit);
+  if (!rules.overlap) enqueue = enqueue.slice(-1);
+  return { latest, enqueue, skipped: due.length - enqueue.length, more };
+}
+
+/**
+ * Enqueues the ticks of the stored schedules of some tasks of one database. It reads the
+ * schedules, enqueues what is due, and sleeps until the next tick (at most
+ * `scheduleRefreshInterval`). Several schedulers, in this process or others, may run on one
+ * database: `SqliteStorage.fire` lets exactly one of them record and enqueue each tick.
+ */
+class CronScheduler {
+  readonly database: TaskDatabase;
+  readonly #tasks: readonly string[];
+  readonly #log: Logger;
+  readonly #debug: boolean;
+  #state: "idle" | "running" | "stopped" = "idle";
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  /** The passes run one after another; this is the latest one. */
+  #chain: Promise<unknown> = Promise.resolve();
+  #errorDelay = 0;
+  readonly #errors = new RepeatLimiter();
+  /** Parsed patterns by schedule name, valid for one revision. */
+  readonly #crons = new Map<string, { revision: number; cron: Cron }>();
+  /** Schedules whose stored pattern failed to parse, logged once per revision. */
+  readonly #broken = new Set<string>();
+
+  constructor(database: TaskDatabase, tasks: readonly string[], log: Logger, debug: boolean) {
+    this.database = database;
+    this.#tasks = tasks;
+    this.#log = log;
+    this.#debug = debug;
+  }
+
+  /**
+   * Registers the scheduler in this process and runs its first pass, which enqueues the ticks
+   * due at the start. A database error is logged and retried, not thrown.
+   */
+  async start(): Promise<void> {
+    if (this.#state !== "idle") return;
+    this.#state = "running";
+    let schedulers = schedulersByDatabase.get(this.database.identity);
+    if (schedulers === undefined) {
+      schedulers = new Set();
+      schedulersByDatabase.set(this.database.identity, schedulers);
+    }
+    schedulers.add(this);
+    await this.#runTimedPass();
+  }
+
+  /** Runs a pass soon, for a schedule that this process stored or deleted. */
+  wake(): void {
+    if (this.#state !== "running") return;
+    this.#arm(0);
+  }
+
+  runOnce(now?: Date | number): Promise<Occurrence[]> {
+    const time = now === undefined
+      ? undefined
+      : toMillisecondsSinceEpoch(now, "Scheduler.runOnce()");
+    const pass = this.#chain.then(() => this.#pass(time ?? this.database.now()));
+    this.#chain = pass.catch(() => {});
+    return pass;
+  }
+
+  async stop(): Promise<void> {
+    if (this.#state === "stopped") return;
+    this.#state = "stopped";
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    await this.#chain;
+    const schedulers = schedulersByDatabase.get(this.database.identity);
+    schedulers?.delete(this);
+    if (schedulers?.size === 0) schedulersByDatabase.delete(this.database.identity);
+  }
+
+  #arm(wait: number): void {
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => void this.#runTimedPass(), Math.max(0, Math.round(wait)));
+    unrefTimer(this.#timer);
+  }
+
+  /** Runs a pass for the timer or the start, and retries with a growing delay on errors. */
+  async #runTimedPass(): Promise<void> {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    if (this.#state !== "running" || this.database.closed) return;
+    try {
+      await this.runOnce();
+      this.#errorDelay = 0;
+      this.#errors.reset();
+    } catch (error) {
+      if (this.#state !== "running" || this.database.closed) return;
+      this.#errorDelay = Math.min(30_000, Math.max(100, this.#errorDelay * 2));
+      const wait = this.#errorDelay * (0.75 + Math.random() * 0.5);
+      const message = toError(error).message;
+      const { log, repeats } = this.#errors.shouldLog(message, Date.now());
+      if (log) {
+        this.#log.error(
+          `Scheduler: database error, retrying in ${formatDuration(wait)}: ${message}${
+            repeats > 0 ? ` (repeated ${repeats} times)` : ""
+          }`,
+          { tasks: this.#tasks, error: toError(error), retryInMs: Math.round(wait) },
+        );
+      }
+      if (this.#timer === undefined) this.#arm(wait);
+    }
+  }
+
+  /** Enqueues the due ticks of every schedule, then sleeps until the next tick. */
+  async #pass(now: number): Promise<Occurrence[]> {
+    if (this.database.closed || this.#state === "stopped") return [];
+    const schedules = await this.database.storage.schedules(this.#tasks);
+    const stopped = stoppedSchedules.get(this.database.identity);
+    const occurrences: Occurrence[] = [];
+    let nextAt = Infinity;
+
+    for (const schedule of schedules) {
+      if (stopped?.has(schedule.name)) continue;
+      const cron = this.#cronOf(schedule);
+      if (cron === undefined) continue;
+
+      // Ticks at or before `updated` belong to the definition that the schedule replaced.
+      const from = Math.max(schedule.lastFiredAt ?? -Infinity, schedule.updated);
+      let next = nextTick(cron, from);
+      if (next !== null && next <= now) {
+        const handled = await this.#fire(schedule, cron, from, now, occurrences);
+        next = nextTick(cron, Math.max(now, handled ?? from));
+      }
+      if (next !== null) nextAt = Math.min(nextAt, next);
+    }
+
+    const names = new Set(schedules.map((schedule) => schedule.name));
+    for (const name of this.#crons.keys()) {
+      if (!names.has(name)) this.#crons.delete(name);
+    }
+    if (this.#state === "running" && !this.database.closed) {
+      // Timers may fire a little early; one millisecond more makes the tick due when it fires.
+      const wait = Math.min(nextAt - this.database.now() + 1, scheduleRefreshInterval);
+      this.#arm(wait);
+    }
+    return occurrences;
+  }
+
+  /**
+   * Enqueues the due ticks of one schedule. Returns the latest due tick, which this or another
+   * scheduler has handled, or undefined when none was due.
+   */
+  async #fire(
+    schedule: StoredSchedule,
+    cron: Cron,
+    from: number,
+    now: number,
+    occurrences: Occurrence[],
+  ): Promise<number | undefined> {
+    let rules: ScheduleRules;
+    try {
+      rules = parseRules(schedule.options);
+    } catch (error) {
+      this.#reportBroken(schedule, `its stored options are not valid JSON`, error);
+      return undefined;
+    }
+    const plan = planTicks(cron, rules, from, now);
+    if (plan.latest === undefined) return undefined;
+
+    const { advanced, inserted } = await this.database.storage.fire({
+      schedule,
+      lastFiredAt: plan.latest,
+      ticks: plan.enqueue,
+      overlap: rules.overlap,
+      now,
+    });
+    const fields = { schedule: schedule.name, task: schedule.task };
+    if (!advanced) {
+      if (this.#debug) {
+        this.#log.debug(
+          `Schedule "${schedule.name}": the tick at ${
+            new Date(plan.latest).toISOString()
+          } was handled by another scheduler`,
+          fields,
+        );
+      }
+      return plan.latest;
+    }
+
+    for (const row of inserted) {
+      const occurrence: Occurrence = Object.freeze({
+        schedule: schedule.name,
+        task: schedule.task,
+        id: row.id,
+        scheduledFor: new Date(row.scheduledFor),
+      });
+      occurrences.push(occurrence);
+      if (this.#debug) {
+        this.#log.debug(
+          `Schedule "${schedule.name}": enqueued task "${schedule.task}" ${row.id} for the tick at ${occurrence.scheduledFor.toISOString()}`,
+          { ...fields, id: row.id, scheduledFor: row.scheduledFor },
+        );
+      }
+    }
+    if (inserted.length > 0) {
+      this.database.notify(
+        inserted.map((row) => ({ name: schedule.task, runAt: row.scheduledFor })),
+      );
+    }
+    this.#reportSkipped(schedule, rules, plan, inserted.length, from);
+    return plan.latest;
+  }
+
+  #reportSkipped(
+    schedule: StoredSchedule,
+    rules: ScheduleRules,
+    plan: TickPlan,
+    inserted: number,
+    from: number,
+  ): void {
+    const fields = { schedule: schedule.name, task: schedule.task };
+    if (inserted < plan.enqueue.length) {
+      const tick = new Date(plan.enqueue[plan.enqueue.length - 1]).toISOString();
+      this.#log.info(
+        `Schedule "${schedule.name}": skipped the tick at ${tick} because its previous run is ` +
+          `still pending or running (overlap is off)`,
+        fields,
+      );
+    }
+    if (plan.skipped === 0) return;
+
+    let reason = `catchUp is "${rules.catchUp}"`;
+    if (!rules.overlap && rules.catchUp === "all") reason = "overlap is off";
+    else if (rules.catchUp === "all") reason = `maxCatchUp is ${rules.maxCatchUp}`;
+    const count = plan.more
+      ? `${plan.skipped} or more missed ticks`
+      : plan.skipped === 1
+      ? "1 missed tick"
+      : `${plan.skipped} missed ticks`;
+    this.#log.info(
+      `Schedule "${schedule.name}": skipped ${count} since ${
+        new Date(from).toISOString()
+      } because ${reason}; enqueued ${countOf(plan.enqueue.length, "tick")}`,
+      { ...fields, skipped: plan.skipped },
+    );
+  }
+
+  /** Returns the parsed pattern of a stored schedule, or undefined (logged once) if invalid. */
+  #cronOf(schedule: StoredSchedule): Cron | undefined {
+    const cached = this.#crons.get(schedule.name);
+    if (cached !== undefined && cached.revision === schedule.revision) return cached.cron;
+    try {
+      checkTimeZone(schedule.timezone, schedule.name);
+      const cron = createCron(schedule.pattern, schedule.timezone, schedule.name);
+      this.#crons.set(schedule.name, { revision: schedule.revision, cron });
+      return cron;
+    } catch (error) {
+      this.#reportBroken(schedule, "it cannot be parsed here", error);
+      return undefined;
+    }
+  }
+
+  #reportBroken(schedule: StoredSchedule, problem: string, error: unknown): void {
+    const key = `${schedule.name}\n${schedule.revision}`;
+    if (this.#broken.has(key)) return;
+    this.#broken.add(key);
+    this.#log.error(
+      `Schedule "${schedule.name}" is not enqueued because ${problem}: ${
+        toError(error).message
+      }. Register it again with schedule() or remove it with unschedule().`,
+      { schedule: schedule.name, task: schedule.task, error: toError(error) },
+    );
+  }
+}
+
+/**
+ * Stores the `cron` schedules of task definitions, and deletes the stored schedules that came
+ * from a `cron` option the tasks no longer have.
+ *
+ * @throws {TaskDataError} When a schedule's data fails its task's schema. Nothing is stored.
+ */
+async function storeDefinedSchedules(
+  definitions: readonly TaskInternals[],
+  logger: Logger,
+): Promise<void> {
+  for (const definition of definitions) {
+    const cron = definition.cron;
+    if (cron !== undefined && definition.schema !== undefined) {
+      await validateData(definition, cron.data, "cron.data");
+    }
+  }
+
+  for (const definition of definitions) {
+    const cron = definition.cron;
+    if (cron === undefined) continue;
+    const { change, removed } = await storeSchedule(definition.database, cron);
+    if (change === "unchanged") continue;
+    logger.info(
+      `tasklite: ${change === "created" ? "stored" : "replaced"} schedule "${cron.name}" of ` +
+        `task "${cron.task}": ${JSON.stringify(cron.pattern)} in ${cron.timezone}${
+          removed.length > 0 ? `; removed ${countOf(removed.length, "pending run")}` : ""
+        }`,
+      { schedule: cron.name, task: cron.task },
+    );
+  }
+
+  const databases = new Set(definitions.map((definition) => definition.database));
+  for (const database of databases) {
+    const kept = definitions
+      .filter((definition) => definition.database === database)
+      .map((definition): [string, string | null] => [
+        definition.name,
+        definition.cron?.name ?? null,
+      ]);
+    const deleted = await database.storage.deleteStaleSchedules(kept);
+    for (const { name, task } of deleted) {
+      logger.info(
+        `tasklite: removed schedule "${name}": task "${task}" no longer defines it`,
+        { schedule: name, task },
+      );
+    }
+  }
+}
+
+/**
+ * Registers a cron schedule that enqueues a task with `data` at every tick of `pattern`.
+ *
+ * The schedule is stored in the database, so it outlives the process: every
+ * {@linkcode runTasks} that runs the task enqueues its ticks, and each tick is enqueued exactly
+ * once however many processes run it. Calling `schedule()` again with the same arguments, for
+ * example at every start, changes nothing. Calling it with another pattern, time zone, data or
+ * options under the same name replaces the stored schedule and deletes its runs that have not
+ * started, in one transaction.
+ *
+ * Each run receives the tick as {@linkcode TaskContext.scheduledFor}. The schedulers of this
+ * process see a new, replaced or removed schedule at once; schedulers in other processes read
+ * the stored schedules again at least once a minute.
+ *
+ * @param task A task from {@linkcode defineDatabaseTask}.
+ * @param pattern A cron pattern: five fields (minute, hour, day of month, month, day of week),
+ *   optionally a leading seconds field and a trailing year field, or a nickname such as
+ *   `"@daily"`. Read in the `timezone` option's time zone.
+ * @param data The data of each run. It must pass the task's schema and survive a JSON round
+ *   trip, as for {@linkcode perform}.
+ * @param options See {@linkcode ScheduleOptions}.
+ * @returns A {@linkcode ScheduleHandle}, once the schedule is stored.
+ * @throws {TypeError} When the pattern cannot be parsed, an option is invalid, or the data is
+ *   not JSON-serialisable. The message names the schedule. Nothing is stored.
+ * @throws {RangeError} When the time zone is unknown, a pattern field or `maxCatchUp` is out of
+ *   range, or the pattern has no tick in the future. Nothing is stored.
+ * @throws {TaskDataError} When the data fails the task's schema. Nothing is stored.
+ *
+ * @example Send a report every day at 03:00 in Berlin
+ * ```ts
+ * import { schedule } from "tasklite";
+ * import report from "./tasks/report.ts";
+ *
+ * const nightly = await schedule(report, "0 3 * * *", { format: "pdf" }, {
+ *   name: "nightly-report",
+ *   timezone: "Europe/Berlin",
+ *   catchUp: "latest",
+ * });
+ * console.log(`next report at ${nightly.nextRun()?.toISOString()}`);
+ * ```
+ */
+export async function schedule<T>(
+  task: Task<T>,
+  pattern: string,
+  data?: NoInfer<T>,
+  options?: ScheduleOptions,
+): Promise<ScheduleHandle> {
+  const internals = toTaskInternals(task, "schedule()");
+  const definition = defineSchedule(internals, pattern, data, options, "schedule");
+  if (internals.schema !== undefined) await validateData(internals, data, "data");
+  await storeSchedule(internals.database, definition);
+
+  const database = internals.database;
+  const { cron } = definition;
+  return Object.freeze({
+    name: definition.name,
+    task: definition.task,
+    pattern: definition.pattern,
+    timezone: definition.timezone,
+    nextRun(after?: Date | number): Date | null {
+      const start = after === undefined
+        ? database.now()
+        : toMillisecondsSinceEpoch(after, "ScheduleHandle.nextRun()");
+      const tick = nextTick(cron, start);
+      return tick === null ? null : new Date(tick);
+    },
+    stop(): void {
+      let stopped = stoppedSchedules.get(database.identity);
+      if (stopped === undefined) {
+        stopped = new Set();
+        stoppedSchedules.set(database.identity, stopped);
+      }
+      stopped.add(definition.name);
+    },
+  });
+}
+
+/**
+ * Removes a stored schedule and its runs that have not started. Runs that are running, or
+ * waiting for a retry, finish as usual.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param name The schedule's name.
+ * @returns Whether a schedule with this name was stored.
+ * @throws {TypeError} When `name` is not a string.
+ *
+ * @example Remove a schedule
+ * ```ts
+ * import { openDatabase, unschedule } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * await unschedule(database, "nightly-report");
+ * ```
+ */
+export async function unschedule(database: Database, name: string): Promise<boolean> {
+  const taskDatabase = toTaskDatabase(database, "unschedule()");
+  if (typeof name !== "string") {
+    throw new TypeError(
+      `Invalid schedule name for unschedule(): expected a string, received ${describeValue(name)}`,
+    );
+  }
+  await taskDatabase.ready();
+  if (taskDatabase.closed) throw closedError();
+  const { deleted } = await taskDatabase.storage.deleteSchedule(name);
+  wakeSchedulers(taskDatabase);
+  return deleted;
+}
+
+/**
+ * Lists the stored schedules, ordered by name.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @returns Each schedule with its pattern, time zone, options, last and next tick.
+ *
+ * @example Print every schedule
+ * ```ts
+ * import { listSchedules, openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * for (const entry of await listSchedules(database)) {
+ *   console.log(entry.name, entry.pattern, entry.timezone, entry.nextFireAt);
+ * }
+ * ```
+ */
+export async function listSchedules(database: Database): Promise<ScheduleInfo[]> {
+  const taskDatabase = toTaskDatabase(database, "listSchedules()");
+  await taskDatabase.ready();
+  const now = taskDatabase.now();
+  const schedules = await taskDatabase.storage.schedules();
+  return schedules.map((stored) => describeSchedule(stored, now));
+}
+
+function describeSchedule(stored: StoredSchedule, now: number): ScheduleInfo {
+  let rules: ScheduleRules;
+  try {
+    rules = parseRules(stored.options);
+  } catch {
+    rules = { catchUp: "none", overlap: true };
+  }
+  let data: unknown;
+  try {
+    data = stored.data === null ? undefined : JSON.parse(stored.data);
+  } catch {
+    data = stored.data;
+  }
+  let nextFireAt: Date | null = null;
+  try {
+    const cron = createCron(stored.pattern, stored.timezone, stored.name);
+    const from = Math.max(now, stored.lastFiredAt ?? -Infinity);
+    const tick = nextTick(cron, from);
+    nextFireAt = tick === null ? null : new Date(tick);
+  } catch {
+    // A pattern that this runtime cannot parse has no next tick here.
+  }
+  return Object.freeze({
+    name: stored.name,
+    task: stored.task,
+    pattern: stored.pattern,
+    timezone: stored.timezone,
+    data,
+    catchUp: rules.catchUp,
+    ...(rules.maxCatchUp === undefined ? {} : { maxCatchUp: rules.maxCatchUp }),
+    overlap: rules.overlap,
+    lastFiredAt: stored.lastFiredAt === null ? null : new Date(stored.lastFiredAt),
+    nextFireAt,
+    fromDefinition: stored.source === "definition",
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Loading a directory of task modules
 // ---------------------------------------------------------------------------------------------
 
@@ -3188,16 +4401,19 @@ const stopOptionsSchema = v.strictObject({
 const unknownNamesInterval = 60_000;
 
 /**
- * Loads tasks and starts one runner for each.
+ * Loads tasks and starts one runner for each, and a scheduler that enqueues the stored
+ * schedules of these tasks (see {@linkcode schedule}). A task's `cron` option is stored first.
  *
  * @param tasks A directory of task modules, or an array of tasks. A directory is read without
  *   recursion: every `.ts`, `.mts`, `.js` and `.mjs` file except `*.test.*`, `*.spec.*`,
  *   `*.d.ts` and names starting with `_` or `.` is imported, and its default export must be a
  *   task. Node.js can import `.ts` files only with a loader.
  * @param options See {@linkcode RunTasksOptions}.
- * @returns The running {@linkcode Runner}, once every database is ready.
+ * @returns The running {@linkcode Runner}, once every database is ready and the scheduler has
+ *   enqueued the ticks that were due at the start.
  * @throws {Error} When the directory or a module cannot be loaded (the message names the file),
  *   two tasks share a name, or a database cannot be opened.
+ * @throws {TaskDataError} When the data of a task's `cron` option fails the task's schema.
  *
  * @example Run a directory until SIGTERM
  * ```ts
@@ -3267,9 +4483,19 @@ export async function runTasks(
     database.logger = logger;
     await database.ready();
   }
+  await storeDefinedSchedules(unique, logger);
 
   const runners = unique.map((definition) => new TaskRunner(definition, logger, parsed.debug));
+  const schedulers = [...databases].map((database) =>
+    new CronScheduler(
+      database,
+      unique.filter((definition) => definition.database === database).map((task) => task.name),
+      logger,
+      parsed.debug,
+    )
+  );
   for (const runner of runners) runner.start();
+  await Promise.all(schedulers.map((scheduler) => scheduler.start()));
   logger.info(
     `tasklite: running ${countOf(runners.length, "task")}: ${names.join(", ")}`,
     { tasks: names },
@@ -3279,9 +4505,10 @@ export async function runTasks(
   let removeSignalHandlers = () => {};
 
   // The runners stop through stop(), the signal option, a signal, or their database closing.
-  const stopped = Promise.all(runners.map((runner) => runner.stopped)).then(() => {
+  const stopped = Promise.all(runners.map((runner) => runner.stopped)).then(async () => {
     clearInterval(unknownNames);
     removeSignalHandlers();
+    await Promise.all(schedulers.map((scheduler) => scheduler.stop()));
     logger.info(`tasklite: stopped ${countOf(runners.length, "task")}`, { tasks: names });
   });
 
@@ -3289,8 +4516,12 @@ export async function runTasks(
   const stop = (stopOptions?: StopOptions): Promise<void> => {
     if (stopPromise !== undefined) return stopPromise;
     const { timeout } = parseOptions(stopOptionsSchema, stopOptions ?? {}, "stop()");
-    for (const runner of runners) void runner.stop(timeout);
-    stopPromise = stopped;
+    stopPromise = (async () => {
+      // Schedulers first, so no new occurrence is enqueued while the runners drain.
+      await Promise.all(schedulers.map((scheduler) => scheduler.stop()));
+      for (const runner of runners) void runner.stop(timeout);
+      await stopped;
+    })();
     return stopPromise;
   };
 
@@ -3311,7 +4542,13 @@ export async function runTasks(
     );
   }
 
-  return { tasks: names, stop, stopped };
+  const scheduler: Scheduler = {
+    async runOnce(now?: Date | number): Promise<Occurrence[]> {
+      const passes = await Promise.all(schedulers.map((each) => each.runOnce(now)));
+      return passes.flat();
+    },
+  };
+  return { tasks: names, stop, stopped, scheduler };
 }
 
 /** Warns once per name about pending rows that no task of this runner handles. */

@@ -383,18 +383,7 @@ await runTasks([task], {
 // Cron
 // ---------------------------------------------------------------------------------------------
 
-// Builds without cron do not export `schedule`, and their task definitions reject a `cron`
-// option, so this block reports it and moves on. Set `cronRequired` to make it a failure.
-const cronRequired = false;
-
-if (typeof tasklite.schedule !== "function") {
-  if (cronRequired) {
-    results.failed++;
-    console.log("FAIL  cron: this build does not export schedule()");
-  } else {
-    console.log("cron: not available in this build");
-  }
-} else {
+{
   const { schedule } = tasklite;
 
   await check("a task with a cron option runs each tick until stop()", async (logger) => {

@@ -25,10 +25,29 @@ describe("openDatabase()", () => {
       "locked_by",
       "priority",
       "key",
+      "schedule",
+      "scheduled_for",
     ]);
     const indexes = await database.client.execute("SELECT name FROM pragma_index_list('tasks')");
     expect(indexes.rows.map((row) => row.name)).toContain("tasks_claim");
     expect(indexes.rows.map((row) => row.name)).toContain("tasks_key");
+    expect(indexes.rows.map((row) => row.name)).toContain("tasks_schedule");
+    const schedules = await database.client.execute(
+      "SELECT name FROM pragma_table_info('schedules')",
+    );
+    expect(schedules.rows.map((row) => row.name)).toEqual([
+      "name",
+      "task",
+      "pattern",
+      "timezone",
+      "data",
+      "options",
+      "source",
+      "revision",
+      "last_fired_at",
+      "created",
+      "updated",
+    ]);
     const version = await database.client.execute("PRAGMA user_version");
     expect(version.rows[0].user_version).toBe(1);
     database.close();
@@ -139,7 +158,7 @@ describe("openDatabase()", () => {
     const columns = await database.client.execute(
       "SELECT count(*) AS n FROM pragma_table_info('tasks')",
     );
-    expect(columns.rows[0].n).toBe(14);
+    expect(columns.rows[0].n).toBe(16);
     database.close();
   });
 
