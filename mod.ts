@@ -2224,6 +2224,7 @@ class TaskRunner {
       const { attempt } = entry;
       const id = attempt.row.id;
       if (entry.settlement !== undefined && !applied.has(id)) {
+        attempt.abort(this.#leaseLostError(id));
         this.#log.warn(
           `Task "${this.name}" ${id}: lease lost before the result was recorded; the runner ` +
             `that holds it now decides the outcome`,
@@ -2339,14 +2340,17 @@ class TaskRunner {
     }
   }
 
+  /** The abort reason of an attempt whose lease another runner may hold now. */
+  #leaseLostError(id: string): DOMException {
+    return new DOMException(
+      `Task "${this.name}" ${id}: lease lost, another runner may be running it`,
+      "AbortError",
+    );
+  }
+
   #loseLease(attempt: Attempt): void {
     if (!this.#finish(attempt)) return;
-    attempt.abort(
-      new DOMException(
-        `Task "${this.name}" ${attempt.row.id}: lease lost, another runner may be running it`,
-        "AbortError",
-      ),
-    );
+    attempt.abort(this.#leaseLostError(attempt.row.id));
     this.#log.warn(
       `Task "${this.name}" ${attempt.row.id}: lease lost while running (the process may have ` +
         `been paused or its event loop blocked for longer than the lease); the attempt was aborted`,

@@ -190,4 +190,34 @@ describe("worker processes", () => {
       `Task "job" ${id}: lease expired during attempt 1 of 1; no attempts left, the task failed`,
     ]);
   });
+
+  test.each(["return", "await", "throw"] as const)(
+    "blocked run loses its lease, late result (%s) rejected",
+    async (finish) => {
+      const { url, events, database } = setup();
+      const [id] = await enqueue(database, [{ n: 1 }]);
+      const blocked = start({ url, events, lease: 300, pollInterval: 50, blockMs: 1_500, finish });
+      await waitFor(() => readEvents(events).some((entry) => entry.event === "start"));
+      const other = start({ url, events, lease: 300, pollInterval: 50 });
+
+      await waitFor(() => blocked.output.some((line) => line.level === "warn"), {
+        message: "a warning from the blocked worker",
+      });
+      await waitFor(() => readEvents(events).some((entry) => entry.event === "settled"));
+      const by = (pid: number) =>
+        readEvents(events).filter((entry) => entry.pid === pid).map((entry) => entry.event);
+      await waitFor(() => by(blocked.pid).length === 3);
+      // "await" returns after the heartbeat found the lease lost, so the signal fired first.
+      expect(by(blocked.pid)).toEqual(
+        finish === "await" ? ["start", "aborted", "done"] : ["start", "done", "aborted"],
+      );
+      expect(by(other.pid)).toEqual(["start", "done", "settled"]);
+
+      const warnings = blocked.output.filter((line) => line.level === "warn");
+      expect(warnings.at(-1)).toMatchObject({ task: "job", id });
+      expect(warnings.at(-1)?.message).toStartWith(`Task "job" ${id}: lease lost`);
+      expect(blocked.logs("error")).toEqual([]);
+      expect(await taskRows(database)).toEqual([]);
+    },
+  );
 });
