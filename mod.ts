@@ -2699,8 +2699,9 @@ export async function runTasks(
     const { timeout } = parseOptions(stopOptionsSchema, stopOptions ?? {}, "stop()");
     stopPromise = (async () => {
       clearInterval(unknownNames);
-      removeSignalHandlers();
       await Promise.all(runners.map((runner) => runner.stop(timeout)));
+      // The handlers stay until here, so a second signal during the stop still exits at once.
+      removeSignalHandlers();
       logger.info(`tasklite: stopped ${countOf(runners.length, "task")}`, {
         tasks: [...byName.keys()],
       });
@@ -2813,14 +2814,15 @@ function handleSignals(onSignal: (signal: SignalName) => Promise<void>): () => v
         return;
       }
       received = signal;
-      void onSignal(signal).finally(() => {
+      const exit = () => {
         // Keep the handlers until the stop is done, so a second signal still exits at once.
         remove();
         if (deno !== undefined) deno.exit(exitCode);
         else if (nodeProcess !== undefined && nodeProcess.listenerCount(signal) === 0) {
           nodeProcess.exit(exitCode);
         }
-      });
+      };
+      onSignal(signal).then(exit, exit);
     };
     handlers.set(signal, handler);
     if (deno !== undefined) deno.addSignalListener(signal, handler);

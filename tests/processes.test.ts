@@ -221,3 +221,66 @@ describe("worker processes", () => {
     },
   );
 });
+
+describe("worker processes with handleSignals", () => {
+  test("SIGTERM finishes short runs and releases long ones", async () => {
+    const { url, events, database } = setup();
+    const [shortA, shortB, longA, longB] = await enqueue(database, [
+      { ms: 200 },
+      { ms: 200 },
+      { ms: 5_000 },
+      { ms: 5_000 },
+    ]);
+    const stopping = start({
+      url,
+      events,
+      runMs: "data",
+      batchSize: 4,
+      handleSignals: true,
+      stopTimeout: "1s",
+    });
+    await waitFor(() => readEvents(events).filter((entry) => entry.event === "start").length === 4);
+
+    const signalled = Date.now();
+    stopping.child.kill("SIGTERM");
+    expect(await stopping.exited).toEqual({ code: 143, signal: null });
+    expect(Date.now() - signalled).toBeLessThan(4_000);
+    const settled = readEvents(events).filter((entry) => entry.event === "settled");
+    expect(settled.map((entry) => entry.id).sort()).toEqual([shortA, shortB].sort());
+    const aborted = readEvents(events).filter((entry) => entry.event === "aborted");
+    expect(aborted.map((entry) => [entry.id, entry.detail]).sort()).toEqual(
+      [[longA, "AbortError"], [longB, "AbortError"]].sort(),
+    );
+    expect(stopping.logs("warn")).toEqual([
+      'Task "job": stop timed out after 1 s; released 2 running attempts for another runner',
+    ]);
+    const rows = await taskRows(database);
+    expect(rows.map((row) => [row.id, row.state, row.attempts, row.locked_by])).toEqual([
+      [longA, "pending", 0, null],
+      [longB, "pending", 0, null],
+    ]);
+
+    const other = start({ url, events, runMs: 10 });
+    await waitFor(() => countByTask(readEvents(events), "settled").size === 4);
+    const runs = readEvents(events).filter((entry) => entry.pid === other.pid);
+    expect(runs.filter((entry) => entry.event === "start").map((entry) => [entry.id, entry.detail]))
+      .toEqual([[longA, "1"], [longB, "1"]]);
+    expect(await taskRows(database)).toEqual([]);
+  });
+
+  test("second SIGTERM exits at once", async () => {
+    const { url, events, database } = setup();
+    await enqueue(database, [{ ms: 5_000 }]);
+    const worker = start({ url, events, runMs: "data", handleSignals: true, stopTimeout: "30s" });
+    await waitFor(() => readEvents(events).some((entry) => entry.event === "start"));
+
+    worker.child.kill("SIGTERM");
+    await waitFor(() => worker.logs("info").some((line) => line.includes("received SIGTERM")));
+    const signalled = Date.now();
+    worker.child.kill("SIGTERM");
+    expect(await worker.exited).toEqual({ code: 143, signal: null });
+    expect(Date.now() - signalled).toBeLessThan(2_000);
+    expect(readEvents(events).map((entry) => entry.event)).toEqual(["start"]);
+    expect((await countByState(database)).running).toBe(1);
+  });
+});
