@@ -1807,6 +1807,13 @@ class Attempt {
   }
 }
 
+/** A finished attempt and the result to write for it. */
+interface SettlementEntry {
+  settlement: Settlement | undefined;
+  after?: AfterSettle;
+  attempt: Attempt;
+}
+
 /** A hook call to make after a settlement was committed. */
 type AfterSettle =
   | { kind: "success"; attempt: Attempt }
@@ -1833,9 +1840,9 @@ class TaskRunner {
   readonly #inFlight = new Map<string, Attempt>();
   /** Attempts in start order, which is also deadline order because the timeout is fixed. */
   #deadlines: Attempt[] = [];
-  #settlements: Array<
-    { settlement: Settlement | undefined; after?: AfterSettle; attempt: Attempt }
-  > = [];
+  #settlements: SettlementEntry[] = [];
+  /** Results that `#flush` is writing now. Their leases are renewed until the write ends. */
+  #writing: SettlementEntry[] = [];
   readonly #hooks = new Set<Promise<void>>();
 
   /** Whether due rows may be waiting: set by wake-ups, cleared when a claim comes back short. */
@@ -2210,14 +2217,17 @@ class TaskRunner {
     this.#settlements = [];
     const settlements = entries.flatMap((entry) => entry.settlement ? [entry.settlement] : []);
     let applied: Set<string>;
+    this.#writing = entries;
     try {
       applied = settlements.length > 0
         ? await this.database.storage.settle(settlements)
         : new Set();
     } catch (error) {
-      // Keep the results for the next try; the leases stay renewed meanwhile.
+      // Keep the results for the next try. The heartbeat renews their leases meanwhile.
       this.#settlements = entries.concat(this.#settlements);
       throw error;
+    } finally {
+      this.#writing = [];
     }
 
     for (const entry of entries) {
@@ -2308,20 +2318,27 @@ class TaskRunner {
     this.#heartbeatTimer = setInterval(() => void this.#renewLeases(), this.#task.lease / 3);
   }
 
-  /** Extends the lease of every running attempt; an attempt whose lease is gone is aborted. */
+  /**
+   * Extends the leases of running attempts and of finished attempts whose results are not
+   * written yet, so a result that waits for the database is not run again elsewhere. A running
+   * attempt whose lease is gone is aborted.
+   */
   async #renewLeases(): Promise<void> {
-    if (this.#inFlight.size === 0) {
-      clearInterval(this.#heartbeatTimer);
-      this.#heartbeatTimer = undefined;
-      return;
-    }
-    if (this.database.closed) return;
     const byToken = new Map<string, Attempt[]>();
     for (const attempt of this.#inFlight.values()) {
       const list = byToken.get(attempt.token);
       if (list) list.push(attempt);
       else byToken.set(attempt.token, [attempt]);
     }
+    for (const { attempt } of [...this.#settlements, ...this.#writing]) {
+      if (!byToken.has(attempt.token)) byToken.set(attempt.token, []);
+    }
+    if (byToken.size === 0) {
+      clearInterval(this.#heartbeatTimer);
+      this.#heartbeatTimer = undefined;
+      return;
+    }
+    if (this.database.closed) return;
     for (const [token, attempts] of byToken) {
       let held: Set<string>;
       try {
