@@ -783,6 +783,9 @@ function isTransactionActiveError(error: unknown): boolean {
   return error instanceof LibsqlError && error.code === "TRANSACTION_ACTIVE";
 }
 
+/** How long `SqliteStorage.run` keeps retrying a busy error before it throws it. */
+const busyRetryTime = 10_000;
+
 const sleep = (milliseconds: number) =>
   new Promise<void>((resolve) => setTimeout(resolve, milliseconds));
 
@@ -792,24 +795,37 @@ const sleep = (milliseconds: number) =>
  */
 class SqliteStorage {
   readonly #client: Client;
+  /** The error that every statement fails with while the database must not be used. */
+  #unavailable: Error | undefined;
 
   constructor(client: Client) {
     this.#client = client;
   }
 
   /**
-   * Runs statements, as one immediate ("write") transaction when there are several, and
-   * retries a busy error or a transaction held by another caller of a single-connection client,
-   * with jittered backoff, for up to about 10 seconds.
+   * Makes every later statement, including the next try of a statement that is waiting to be
+   * retried, fail with `error`. `undefined` lets statements run again.
+   */
+  setUnavailable(error: Error | undefined): void {
+    this.#unavailable = error;
+  }
+
+  /**
+   * Runs statements, as one immediate ("write") transaction when there are several. A busy
+   * error, or a transaction that another caller of a single-connection client holds, is
+   * retried with jittered backoff from 2 ms to 500 ms, until `busyRetryTime` has passed since
+   * the first try. Each try can itself wait up to the connection's busy timeout.
    */
   async run(statements: InStatement[]): Promise<ResultSet[]> {
+    const started = Date.now();
     for (let attempt = 1;; attempt++) {
+      if (this.#unavailable !== undefined) throw this.#unavailable;
       try {
         if (statements.length === 1) return [await this.#client.execute(statements[0])];
         return await this.#client.batch(statements, "write");
       } catch (error) {
         const retriable = isBusyError(error) || isTransactionActiveError(error);
-        if (!retriable || attempt >= 40) throw error;
+        if (!retriable || Date.now() - started >= busyRetryTime) throw error;
         await sleep(Math.min(500, 2 ** attempt) * (0.5 + Math.random()));
       }
     }
@@ -1121,6 +1137,7 @@ class TaskDatabase implements Database {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.storage.setUnavailable(closedError());
     this.#stopWatching();
     for (const pending of this.#pendingInserts.splice(0)) pending.reject(closedError());
     if (this.#ownsClient) this.client.close();

@@ -1,4 +1,9 @@
 import { afterEach, describe, expect, test } from "bun:test";
+import { spawn } from "node:child_process";
+import { existsSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createClient } from "@libsql/client";
 import {
   type Database,
   defineDatabaseTask,
@@ -7,7 +12,13 @@ import {
   type Runner,
   runTasks,
 } from "../mod.ts";
-import { captureLogger, taskRows, temporaryDatabaseUrl, waitFor } from "./helpers.ts";
+import {
+  captureLogger,
+  taskRows,
+  temporaryDatabaseUrl,
+  temporaryDirectory,
+  waitFor,
+} from "./helpers.ts";
 
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
 
@@ -67,4 +78,89 @@ describe("database faults", () => {
     expect(logger.messages("error")[0]).toEndWith("deletes are blocked");
     expect(rescuerLogger.messages("warn")).toEqual([]);
   });
+
+  test("a write lock held past the busy timeout is waited out", async () => {
+    const url = temporaryDatabaseUrl();
+    const database = open(url, { busyTimeout: "20ms" });
+    const runs: number[] = [];
+    const task = defineDatabaseTask<number>(database, {
+      name: "busy",
+      process({ data }) {
+        runs.push(data);
+      },
+    });
+    const logger = captureLogger();
+    await start([task], { logger });
+
+    // Another process holds a write transaction for 1.5 s, and creates a file just before it
+    // commits.
+    const released = join(temporaryDirectory(), "released");
+    const locker = spawn(process.execPath, [
+      "-e",
+      `import { writeFileSync } from "node:fs";
+      import { createClient } from "@libsql/client";
+      const client = createClient({ url: ${JSON.stringify(url)} });
+      const transaction = await client.transaction("write");
+      await transaction.execute("UPDATE tasks SET priority = priority");
+      console.log("locked");
+      setTimeout(async () => {
+        writeFileSync(${JSON.stringify(released)}, "");
+        await transaction.commit();
+        client.close();
+      }, 1_500);`,
+    ], {
+      cwd: fileURLToPath(new URL("..", import.meta.url)),
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    let output = "";
+    locker.stdout.setEncoding("utf8");
+    locker.stdout.on("data", (chunk: string) => void (output += chunk));
+    await waitFor(() => output.includes("locked"));
+
+    const id = await perform(task, 1);
+    expect(existsSync(released)).toBe(true);
+    await waitFor(() => runs.length === 1);
+    expect(await taskRows(database)).toEqual([]);
+    expect(typeof id).toBe("string");
+    expect(logger.messages("error")).toEqual([]);
+    expect(logger.messages("warn")).toEqual([]);
+  });
+});
+
+describe("close()", () => {
+  test.each(["url", "client"] as const)(
+    "nothing is written after close() (%s)",
+    async (kind) => {
+      const url = temporaryDatabaseUrl();
+      const client = kind === "client" ? createClient({ url, timeout: 5_000 }) : undefined;
+      const database = openDatabase(client ?? url);
+      let release: (() => void) | undefined;
+      const task = defineDatabaseTask(database, {
+        name: "closing",
+        lease: 150,
+        pollInterval: 20,
+        process() {
+          return new Promise<void>((resolve) => (release = resolve));
+        },
+      });
+      await perform(task, null);
+      const logger = captureLogger();
+      const runner = await runTasks([task], { logger });
+      await waitFor(() => release !== undefined);
+      const reader = open(url);
+      const before = await taskRows(reader);
+
+      database.close();
+      release!();
+      // Longer than the lease, so a heartbeat or rescue would have written by now.
+      await sleep(300);
+      expect(await taskRows(reader)).toEqual(before);
+      await runner.stop({ timeout: 100 });
+      expect(await taskRows(reader)).toEqual(before);
+      expect(before).toMatchObject([{ state: "running", attempts: 1 }]);
+      await expect(perform(task, null)).rejects.toThrow("The database is closed");
+      expect(logger.messages("error")).toEqual([]);
+      client?.close();
+    },
+  );
 });
