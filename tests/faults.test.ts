@@ -50,7 +50,7 @@ describe("database faults", () => {
     const define = (on: Database) =>
       defineDatabaseTask(on, {
         name: "kept",
-        lease: 300,
+        lease: 600,
         pollInterval: 50,
         process() {
           runs++;
@@ -69,7 +69,7 @@ describe("database faults", () => {
     // A second runner on its own connection rescues any lease that expires meanwhile.
     const rescuerLogger = captureLogger();
     await start([define(open(url))], { logger: rescuerLogger });
-    await sleep(1_000);
+    await sleep(1_500);
 
     await database.client.execute("DROP TRIGGER keep_rows");
     await waitFor(async () => (await taskRows(database)).length === 0);
