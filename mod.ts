@@ -38,6 +38,7 @@ import {
   type Row,
 } from "@libsql/client";
 import * as v from "valibot";
+import { statSync } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
 import { basename, extname, join, resolve as resolvePath } from "node:path";
 import { setImmediate } from "node:timers";
@@ -1088,6 +1089,8 @@ class TaskDatabase implements Database {
   #dataVersion: number | undefined;
   #watching = false;
   #busyTimeoutWarned = false;
+  /** Watches the identity of a local file that tasklite opened itself. */
+  readonly #file: DatabaseFile | undefined;
   logger: Logger = consoleLogger;
 
   constructor(
@@ -1105,6 +1108,9 @@ class TaskDatabase implements Database {
     this.#watchInterval = options.watchInterval;
     this.storage = new SqliteStorage(client);
     this.identity = identity;
+    if (this.#shared && this.#ownsClient) {
+      this.#file = new DatabaseFile(identity.slice("file:".length));
+    }
   }
 
   get closed(): boolean {
@@ -1231,6 +1237,7 @@ class TaskDatabase implements Database {
     if (this.#watching || this.#closed) return;
     this.#watching = true;
     try {
+      if (this.#file?.due()) await this.#checkFile(this.#file);
       const version = await this.storage.watchConnection();
       const changed = this.#dataVersion !== undefined && version !== this.#dataVersion;
       this.#dataVersion = version;
@@ -1243,6 +1250,124 @@ class TaskDatabase implements Database {
     } finally {
       this.#watching = false;
     }
+  }
+
+  /**
+   * Stops using the connection when its file was deleted or replaced, because SQLite would go on
+   * writing to the old file where no other process sees the rows. A replaced file, or a file
+   * that appears again after a deletion, is reopened and migrated.
+   */
+  async #checkFile(file: DatabaseFile): Promise<void> {
+    const change = file.check();
+    if (change === "deleted") {
+      this.storage.setUnavailable(
+        new Error(
+          `The database file ${JSON.stringify(file.path)} was deleted while tasklite had it ` +
+            `open, so tasklite stopped using it: restore the file, and tasklite reopens it`,
+        ),
+      );
+      return;
+    }
+    if (change !== "replaced") return;
+
+    this.storage.setUnavailable(undefined);
+    await this.client.reconnect();
+    this.#ready = undefined;
+    this.#isReady = false;
+    try {
+      await this.ready();
+    } catch (error) {
+      file.reopenFailed();
+      this.storage.setUnavailable(toError(error));
+      return;
+    }
+    this.logger.warn(
+      `The database file ${JSON.stringify(file.path)} was replaced or restored while tasklite ` +
+        `had it open; tasklite reopened it`,
+      { file: file.path },
+    );
+    for (const runner of runnersByDatabase.get(this.identity) ?? []) {
+      if (runner.database === this) runner.onReopen();
+    }
+  }
+}
+
+/** How often a runner's database compares its file with the one at the file's path. */
+const fileCheckInterval = 1_000;
+
+/**
+ * The identity (device and inode) of a local database file. An open SQLite connection keeps
+ * using its file after the file is deleted or renamed, and SQLite in WAL mode reports no error
+ * for that, so only a comparison with the file at the path shows it.
+ */
+class DatabaseFile {
+  readonly path: string;
+  #identity: string | undefined;
+  #checkedAt = 0;
+  #deleted = false;
+  #reopenFailed = false;
+
+  constructor(path: string) {
+    this.path = path;
+    try {
+      this.#identity = fileIdentity(path);
+    } catch {
+      // The first check that can read the file records its identity.
+    }
+  }
+
+  /** Whether a check is due, at most once per `fileCheckInterval`. */
+  due(): boolean {
+    return Date.now() - this.#checkedAt >= fileCheckInterval;
+  }
+
+  /**
+   * Compares the file at the path with the open one. Returns "deleted" once when no file is
+   * there, and "replaced" when another file is there or a file is back after a deletion.
+   */
+  check(): "deleted" | "replaced" | undefined {
+    this.#checkedAt = Date.now();
+    let current: string | undefined;
+    try {
+      current = fileIdentity(this.path);
+    } catch {
+      // A file that cannot be read now (permissions, I/O) tells nothing about its identity.
+      return undefined;
+    }
+    if (current === undefined) {
+      if (this.#deleted) return undefined;
+      this.#deleted = true;
+      return "deleted";
+    }
+
+    const previous = this.#identity;
+    this.#identity = current;
+    const replaced = this.#deleted || this.#reopenFailed ||
+      (previous !== undefined && previous !== current);
+    this.#deleted = false;
+    this.#reopenFailed = false;
+    return replaced ? "replaced" : undefined;
+  }
+
+  /** Makes the next check report the file as replaced again, so reopening is retried. */
+  reopenFailed(): void {
+    this.#reopenFailed = true;
+  }
+}
+
+/**
+ * Returns "device:inode" of a file, or `undefined` when no file is at the path.
+ *
+ * @throws {Error} When the file cannot be read for another reason.
+ */
+function fileIdentity(path: string): string | undefined {
+  try {
+    const info = statSync(path);
+    return `${info.dev}:${info.ino}`;
+  } catch (error) {
+    const code = (error as { code?: string }).code;
+    if (code === "ENOENT" || code === "ENOTDIR") return undefined;
+    throw error;
   }
 }
 
@@ -1910,6 +2035,16 @@ class TaskRunner {
   onExternalChange(): void {
     if (this.#state !== "running") return;
     this.#checkNext = true;
+    this.#schedulePump();
+  }
+
+  /** Called when the database reopened its file: ends a database error's backoff early. */
+  onReopen(): void {
+    if (this.#state !== "running") return;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#errorDelay = 0;
+    this.#maybeDue = true;
     this.#schedulePump();
   }
 

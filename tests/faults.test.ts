@@ -79,6 +79,41 @@ describe("database faults", () => {
     expect(rescuerLogger.messages("warn")).toEqual([]);
   });
 
+  test("a deleted file pauses runners until it is back", async () => {
+    const path = join(temporaryDirectory(), "tasks.db");
+    const url = `file:${path}`;
+    const database = open(url);
+    const runs: number[] = [];
+    const define = (on: Database) =>
+      defineDatabaseTask<number>(on, {
+        name: "moved",
+        pollInterval: 50,
+        process({ data }) {
+          runs.push(data);
+        },
+      });
+    await perform(define(database), 1);
+    const logger = captureLogger();
+    await start([define(database)], { logger });
+    await waitFor(() => runs.length === 1);
+
+    for (const suffix of ["", "-wal", "-shm"]) rmSync(path + suffix, { force: true });
+    await waitFor(() => logger.messages("error").length === 1, { timeout: 3_000 });
+    expect(logger.messages("error")[0]).toContain(
+      `The database file ${JSON.stringify(path)} was deleted while tasklite had it open`,
+    );
+
+    // A new file at the path, written through another connection as another process would.
+    await perform(define(open(url)), 2);
+    await waitFor(() => runs.length === 2, { timeout: 5_000 });
+    expect(runs).toEqual([1, 2]);
+    expect(logger.messages("warn")).toEqual([
+      `The database file ${JSON.stringify(path)} was replaced or restored while tasklite had ` +
+      "it open; tasklite reopened it",
+    ]);
+    expect(await taskRows(database)).toEqual([]);
+  });
+
   test("a write lock held past the busy timeout is waited out", async () => {
     const url = temporaryDatabaseUrl();
     const database = open(url, { busyTimeout: "20ms" });
