@@ -2003,6 +2003,7 @@ class TaskRunner {
   #retryTimer: ReturnType<typeof setTimeout> | undefined;
   #errorDelay = 0;
   readonly #errors = new RepeatLimiter();
+  readonly #renewErrors = new RepeatLimiter();
   #idleWaiters: Array<() => void> = [];
 
   constructor(task: TaskInternals, log: Logger, debug: boolean) {
@@ -2152,14 +2153,22 @@ class TaskRunner {
     const wait = this.#errorDelay * (0.75 + Math.random() * 0.5);
     const message = toError(error).message;
     const { log, repeats } = this.#errors.shouldLog(message, Date.now());
+    const fields = { task: this.name, error: toError(error), retryInMs: Math.round(wait) };
     if (log) {
       this.#log.error(
         `Task "${this.name}": database error, retrying in ${formatDuration(wait)}: ${message}${
           repeats > 0 ? ` (repeated ${repeats} times)` : ""
         }`,
-        { task: this.name, error: toError(error), retryInMs: Math.round(wait) },
+        fields,
+      );
+    } else if (this.#debug) {
+      this.#log.debug(
+        `Task "${this.name}": database error again, retrying in ${formatDuration(wait)}`,
+        fields,
       );
     }
+    // The rescue and the pump can both fail at once: keep one retry.
+    clearTimeout(this.#retryTimer);
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = undefined;
       this.#maybeDue = true;
@@ -2496,12 +2505,19 @@ class TaskRunner {
       try {
         held = await this.database.storage.renew(token, this.database.now() + this.#task.lease);
       } catch (error) {
-        this.#log.error(`Task "${this.name}": renewing leases failed: ${toError(error).message}`, {
-          task: this.name,
-          error: toError(error),
-        });
+        const message = toError(error).message;
+        const { log, repeats } = this.#renewErrors.shouldLog(message, Date.now());
+        if (log) {
+          this.#log.error(
+            `Task "${this.name}": renewing leases failed: ${message}${
+              repeats > 0 ? ` (repeated ${repeats} times)` : ""
+            }`,
+            { task: this.name, error: toError(error) },
+          );
+        }
         continue;
       }
+      this.#renewErrors.reset();
       for (const attempt of attempts) {
         if (attempt.settled || held.has(attempt.row.id)) continue;
         this.#loseLease(attempt);

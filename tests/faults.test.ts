@@ -114,6 +114,45 @@ describe("database faults", () => {
     expect(await taskRows(database)).toEqual([]);
   });
 
+  test("a database that rejects writes pauses runners", async () => {
+    const url = temporaryDatabaseUrl();
+    const database = open(url);
+    const runs: number[] = [];
+    const define = (on: Database) =>
+      defineDatabaseTask<number>(on, {
+        name: "read-only",
+        pollInterval: 50,
+        process({ data }) {
+          runs.push(data);
+        },
+      });
+    const task = define(database);
+    const logger = captureLogger();
+    await start([task], { logger, debug: true });
+    // tasklite has one connection per local file, so this makes the runner's writes fail as
+    // they would on a read-only file.
+    await database.client.execute("PRAGMA query_only = ON");
+
+    await expect(perform(task, 1)).rejects.toThrow("attempt to write a readonly database");
+    await perform(define(open(url)), 2);
+    await waitFor(() => logger.messages("error").length === 1);
+    await sleep(2_000);
+    expect(logger.messages("error")[0]).toStartWith(
+      'Task "read-only": database error, retrying in',
+    );
+    // Growing delays from 100 ms: about five tries in two seconds, where a busy loop makes
+    // thousands.
+    const retries = logger.messages("debug").filter((line) => line.includes("database error"));
+    expect(retries.length).toBeLessThan(10);
+    expect(runs).toEqual([]);
+
+    await database.client.execute("PRAGMA query_only = OFF");
+    await waitFor(() => runs.length === 1, { timeout: 5_000 });
+    expect(runs).toEqual([2]);
+    expect(logger.messages("error")).toHaveLength(1);
+    expect(await taskRows(database)).toEqual([]);
+  });
+
   test("a write lock held past the busy timeout is waited out", async () => {
     const url = temporaryDatabaseUrl();
     const database = open(url, { busyTimeout: "20ms" });
