@@ -2255,7 +2255,8 @@ class TaskRunner {
       result instanceof Promise ||
       (typeof result === "object" && result !== null && "then" in result)
     ) {
-      (result as Promise<unknown>).then(
+      // Promise.resolve turns a thenable whose `then` throws into a rejection.
+      Promise.resolve(result).then(
         () => this.#succeed(attempt),
         (error) => this.#fail(attempt, toError(error)),
       );
@@ -2586,7 +2587,13 @@ class TaskRunner {
       0,
       0,
     );
-    const error = await this.#decode(attempt);
+    let error: Error | undefined;
+    try {
+      error = await this.#decode(attempt);
+    } catch (thrown) {
+      error = toError(thrown);
+    }
+    // The hook gets the task's data, which cannot be decoded here.
     if (error !== undefined) return;
     this.#runHook({
       kind: "failed",
@@ -2622,6 +2629,26 @@ class TaskRunner {
     });
   }
 
+  /** Waits for running success and failed hooks until `deadline`, and logs the ones left. */
+  async #waitForHooks(deadline: number): Promise<void> {
+    if (this.#hooks.size === 0) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(true), Math.max(0, deadline - Date.now()));
+    });
+    const finished = Promise.all(this.#hooks).then(() => false);
+    const late = await Promise.race([finished, timedOut]);
+    clearTimeout(timer);
+    if (late) {
+      this.#log.warn(
+        `Task "${this.name}": stopped without waiting for ${
+          countOf(this.#hooks.size, "success or failed hook")
+        } still running at the stop timeout`,
+        { task: this.name },
+      );
+    }
+  }
+
   async stop(timeout: number): Promise<void> {
     if (this.#state !== "running") return;
     this.#state = "stopping";
@@ -2630,6 +2657,7 @@ class TaskRunner {
     this.#wakeTimer = undefined;
     this.#wakeAt = -Infinity;
 
+    const deadline = Date.now() + timeout;
     const drained = await this.#waitIdle(timeout);
     if (!drained) {
       const byToken = new Map<string, string[]>();
@@ -2671,7 +2699,7 @@ class TaskRunner {
         );
       }
     }
-    await Promise.all(this.#hooks);
+    await this.#waitForHooks(deadline);
 
     clearInterval(this.#heartbeatTimer);
     clearTimeout(this.#deadlineTimer);
@@ -2820,7 +2848,7 @@ export async function runTasks(
   options: RunTasksOptions = {},
 ): Promise<Runner> {
   const parsed = parseOptions(runTasksOptionsSchema, options, "runTasks()");
-  const logger: Logger = parsed.logger ?? consoleLogger;
+  const logger = guardLogger(parsed.logger ?? consoleLogger);
 
   let list: ReadonlyArray<Task<unknown>>;
   if (typeof tasks === "string") {
@@ -2913,6 +2941,29 @@ export async function runTasks(
   }
 
   return { tasks: [...byName.keys()], stop, stopped };
+}
+
+/**
+ * Wraps a logger so that a method that throws cannot break the runner that calls it. The line
+ * and the logger's error go to the console instead.
+ */
+function guardLogger(logger: Logger): Logger {
+  const guard = (level: keyof Logger) => (message: string, fields?: Record<string, unknown>) => {
+    try {
+      logger[level](message, fields);
+    } catch (error) {
+      if (logger === consoleLogger) return;
+      consoleLogger.error(
+        `tasklite: the logger threw (${toError(error).message}) on this ${level} line: ${message}`,
+      );
+    }
+  };
+  return {
+    debug: guard("debug"),
+    info: guard("info"),
+    warn: guard("warn"),
+    error: guard("error"),
+  };
 }
 
 /** Warns once per name about pending rows that no task of this runner handles. */

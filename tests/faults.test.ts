@@ -4,13 +4,16 @@ import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createClient } from "@libsql/client";
+import * as v from "valibot";
 import {
   type Database,
   defineDatabaseTask,
+  type Duration,
   openDatabase,
   perform,
   type Runner,
   runTasks,
+  type TaskDefinition,
 } from "../mod.ts";
 import {
   captureLogger,
@@ -43,7 +46,7 @@ async function start(...args: Parameters<typeof runTasks>): Promise<Runner> {
 }
 
 describe("database faults", () => {
-  test("a result that cannot be written yet keeps its lease", async () => {
+  test("unwritten result keeps its lease", async () => {
     const url = temporaryDatabaseUrl();
     const database = open(url);
     let runs = 0;
@@ -79,7 +82,7 @@ describe("database faults", () => {
     expect(rescuerLogger.messages("warn")).toEqual([]);
   });
 
-  test("a deleted file pauses runners until it is back", async () => {
+  test("deleted file pauses runners until restored", async () => {
     const path = join(temporaryDirectory(), "tasks.db");
     const url = `file:${path}`;
     const database = open(url);
@@ -114,7 +117,7 @@ describe("database faults", () => {
     expect(await taskRows(database)).toEqual([]);
   });
 
-  test("a database that rejects writes pauses runners", async () => {
+  test("read-only database pauses runners", async () => {
     const url = temporaryDatabaseUrl();
     const database = open(url);
     const runs: number[] = [];
@@ -153,7 +156,7 @@ describe("database faults", () => {
     expect(await taskRows(database)).toEqual([]);
   });
 
-  test("a write lock held past the busy timeout is waited out", async () => {
+  test("long write lock is waited out", async () => {
     const url = temporaryDatabaseUrl();
     const database = open(url, { busyTimeout: "20ms" });
     const runs: number[] = [];
@@ -166,8 +169,8 @@ describe("database faults", () => {
     const logger = captureLogger();
     await start([task], { logger });
 
-    // Another process holds a write transaction for 1.5 s, and creates a file just before it
-    // commits.
+    // Another process keeps a write transaction open for 1.5 s, and creates a file just before
+    // it commits.
     const released = join(temporaryDirectory(), "released");
     const locker = spawn(process.execPath, [
       "-e",
@@ -237,4 +240,179 @@ describe("close()", () => {
       client?.close();
     },
   );
+});
+
+describe("errors in user code", () => {
+  const thrower = (message: string) => () => {
+    throw new Error(message);
+  };
+  // Each case breaks one piece of user code. A rejection that escaped the runner would fail the
+  // test, because bun test reports unhandled rejections as failures of the running test.
+  const cases: Array<[string, Partial<TaskDefinition<unknown>>, "warn" | "error", string]> = [
+    [
+      "process throws a string",
+      {
+        process() {
+          throw "plain text";
+        },
+      },
+      "error",
+      "no attempts left: Non-error value thrown: plain text",
+    ],
+    [
+      "process returns a thenable whose then throws",
+      {
+        process() {
+          return { then: thrower("then exploded") } as unknown as Promise<void>;
+        },
+      },
+      "error",
+      "no attempts left: then exploded",
+    ],
+    [
+      "process rejects with undefined",
+      {
+        process: () => Promise.reject(undefined),
+      },
+      "error",
+      "no attempts left: Non-error value thrown: undefined",
+    ],
+    [
+      "success throws",
+      { process() {}, success: thrower("success exploded") },
+      "error",
+      "the success hook threw: success exploded",
+    ],
+    [
+      "success rejects",
+      {
+        process() {},
+        success: () => Promise.reject(new Error("success rejected")),
+      },
+      "error",
+      "the success hook threw: success rejected",
+    ],
+    [
+      "failed throws",
+      {
+        process: thrower("run failed"),
+        failed: thrower("failed exploded"),
+      },
+      "error",
+      "the failed hook threw: failed exploded",
+    ],
+    [
+      "backoff throws",
+      {
+        maxAttempts: 2,
+        process: thrower("run failed"),
+        backoff: thrower("backoff exploded"),
+      },
+      "error",
+      "the backoff function threw, using the default: backoff exploded",
+    ],
+    [
+      "backoff returns a non-duration",
+      {
+        maxAttempts: 2,
+        process: thrower("run failed"),
+        backoff: () => "soon" as Duration,
+      },
+      "error",
+      "the backoff function threw, using the default: expected a duration",
+    ],
+    [
+      "schema throws",
+      {
+        schema: v.pipe(v.unknown(), v.check(thrower("schema exploded"))),
+        process() {},
+      },
+      "error",
+      "failed without retry: schema exploded",
+    ],
+  ];
+
+  test.each(cases)("runner goes on when %s", async (_, definition, level, message) => {
+    const database = open();
+    const faulty = defineDatabaseTask(
+      database,
+      { name: "faulty", maxAttempts: 1, ...definition } as TaskDefinition<unknown>,
+    );
+    let after = 0;
+    const next = defineDatabaseTask(database, {
+      name: "next",
+      process() {
+        after++;
+      },
+    });
+    await database.ready();
+    // Written with SQL, because perform() would run the schema that throws.
+    await database.client.execute({
+      sql: "INSERT INTO tasks (id, name, data, created) VALUES ('faulty-1', 'faulty', '1', 0)",
+    });
+    const logger = captureLogger();
+    await start([faulty, next], { logger });
+
+    await waitFor(() => logger.messages(level).some((line) => line.includes(message)), {
+      message: `a ${level} line with "${message}"`,
+    });
+    await perform(next, null);
+    await waitFor(() => after === 1);
+  });
+
+  test("runner goes on when the logger throws", async () => {
+    const database = open();
+    let runs = 0;
+    const task = defineDatabaseTask(database, {
+      name: "logged",
+      maxAttempts: 1,
+      process() {
+        runs++;
+        if (runs === 1) throw new Error("first run fails");
+      },
+    });
+    const logger = {
+      debug: thrower("logger exploded"),
+      info: thrower("logger exploded"),
+      warn: thrower("logger exploded"),
+      error: thrower("logger exploded"),
+    };
+    const printed: string[] = [];
+    const consoleError = console.error;
+    console.error = (line: string) => void printed.push(line);
+    try {
+      await start([task], { logger, debug: true });
+      await perform(task, null);
+      await waitFor(() => printed.some((line) => line.includes("first run fails")));
+      await perform(task, null);
+      await waitFor(() => runs === 2);
+    } finally {
+      console.error = consoleError;
+    }
+    expect(printed[0]).toStartWith(
+      "tasklite: the logger threw (logger exploded) on this info line",
+    );
+  });
+
+  test("stop() bounds its wait for hooks", async () => {
+    const database = open();
+    let called = false;
+    const task = defineDatabaseTask(database, {
+      name: "hanging",
+      process() {},
+      success() {
+        called = true;
+        return new Promise<void>(() => {});
+      },
+    });
+    await perform(task, null);
+    const logger = captureLogger();
+    const runner = await runTasks([task], { logger });
+    await waitFor(() => called);
+
+    await runner.stop({ timeout: 200 });
+    expect(logger.messages("warn")).toEqual([
+      'Task "hanging": stopped without waiting for 1 success or failed hook still running at the stop timeout',
+    ]);
+  });
 });
