@@ -2367,6 +2367,7 @@ class TaskRunner {
     if (attempt.settled) return false;
     attempt.settled = true;
     this.#inFlight.delete(attempt.row.id);
+    this.#trimDeadlines();
     if (this.#inFlight.size === 0) {
       for (const resolve of this.#idleWaiters.splice(0)) resolve();
     }
@@ -2444,6 +2445,18 @@ class TaskRunner {
     })();
     this.#hooks.add(promise);
     promise.finally(() => this.#hooks.delete(promise));
+  }
+
+  /**
+   * Drops ended attempts from the deadline queue, which otherwise keeps every attempt until the
+   * oldest one's timeout passes (5 minutes by default), however many attempts end meanwhile.
+   */
+  #trimDeadlines(): void {
+    while (this.#deadlines.length > 0 && this.#deadlines[0].settled) this.#deadlines.shift();
+    // Attempts that end behind a long-running head are removed once they outnumber the running.
+    if (this.#deadlines.length > 2 * this.#inFlight.size + 64) {
+      this.#deadlines = this.#deadlines.filter((attempt) => !attempt.settled);
+    }
   }
 
   #armDeadline(): void {
