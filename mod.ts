@@ -280,7 +280,8 @@ export interface StopOptions {
   /**
    * How long to wait for running attempts. After it, their signals fire and their leases are
    * released, so another runner can claim them at once; a released attempt does not count
-   * against `maxAttempts`.
+   * against `maxAttempts`. Success and failed hooks still running at this time are not waited
+   * for.
    *
    * @default {"30s"}
    */
@@ -1983,6 +1984,8 @@ class Attempt {
     return this.controller.signal;
   }
 
+  // NOTE: an abort listener that throws is reported by the runtime as an uncaught exception,
+  // which ends a Node.js, Bun or Deno process, and the runner cannot catch it.
   abort(reason: Error): void {
     this.controller ??= new AbortController();
     if (!this.controller.signal.aborted) this.controller.abort(reason);
