@@ -115,6 +115,15 @@ describe("database faults", () => {
       "it open; tasklite reopened it",
     ]);
     expect(await taskRows(database)).toEqual([]);
+    // The reopened connection has the settings of the first one.
+    const settings = await database.client.execute(
+      "SELECT journal_mode, synchronous, timeout FROM pragma_journal_mode, pragma_synchronous, pragma_busy_timeout",
+    );
+    expect({ ...settings.rows[0] }).toEqual({
+      journal_mode: "wal",
+      synchronous: 1,
+      timeout: 5_000,
+    });
   });
 
   test("read-only database pauses runners", async () => {
