@@ -12,6 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { defineDatabaseTask, openDatabase, performMany } from "../mod.ts";
 import {
+  checkRepeats,
   countByTask,
   readEvents,
   startWorker,
@@ -83,18 +84,8 @@ async function soakCrash(tasks: number, workerCount: number, kills: number): Pro
 
   const log = readEvents(events);
   const done = countByTask(log, "done");
-  const settledBy = new Set(
-    log.filter((entry) => entry.event === "settled").map((entry) => `${entry.pid} ${entry.id}`),
-  );
-  const inFlightAtKill = countByTask(
-    log.filter((entry) =>
-      entry.event === "start" && killed.has(entry.pid) &&
-      !settledBy.has(`${entry.pid} ${entry.id}`)
-    ),
-    "start",
-  );
+  const { inFlightAtKill, unexplained } = checkRepeats(log, killed);
   const repeated = [...done.values()].filter((count) => count > 1).length;
-  const unexplained = [...done].filter(([id, count]) => count - 1 > (inFlightAtKill.get(id) ?? 0));
   console.log(
     `  ${seconds.toFixed(1)} s, ${(tasks / seconds).toFixed(0)} tasks/s, ` +
       `${inFlightAtKill.size} runs in flight at a kill, ${repeated} tasks done twice or more`,

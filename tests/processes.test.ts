@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { type Database, defineDatabaseTask, openDatabase, performMany } from "../mod.ts";
 import { countByState, taskRows, temporaryDirectory, waitFor } from "./helpers.ts";
 import {
+  checkRepeats,
   countByTask,
   readEvents,
   startWorker,
@@ -84,19 +85,7 @@ describe("worker processes", () => {
     expect(done.size).toBe(2_000);
 
     // A run can repeat only if a killed worker had started it and not yet recorded its result.
-    const settledBy = new Set(
-      log.filter((entry) => entry.event === "settled").map((entry) => `${entry.pid} ${entry.id}`),
-    );
-    const inFlightAtKill = countByTask(
-      log.filter((entry) =>
-        entry.event === "start" && killed.has(entry.pid) &&
-        !settledBy.has(`${entry.pid} ${entry.id}`)
-      ),
-      "start",
-    );
-    const unexplained = [...done].filter(([id, count]) =>
-      count - 1 > (inFlightAtKill.get(id) ?? 0)
-    );
+    const { unexplained } = checkRepeats(log, killed);
     expect(unexplained).toEqual([]);
     expect(killed.size).toBe(20);
 

@@ -119,6 +119,31 @@ export function countByTask(
   return counts;
 }
 
+/**
+ * Counts, per task id, the runs that a killed worker started and had not settled, and returns
+ * them with the ids done more often than those runs explain. A task is done twice only when a
+ * worker was killed after the run's effect and before its result was recorded.
+ */
+export function checkRepeats(
+  events: WorkerEvent[],
+  killed: Set<number>,
+): { inFlightAtKill: Map<string, number>; unexplained: Array<[string, number]> } {
+  const settledBy = new Set(
+    events.filter((entry) => entry.event === "settled").map((entry) => `${entry.pid} ${entry.id}`),
+  );
+  const inFlightAtKill = countByTask(
+    events.filter((entry) =>
+      entry.event === "start" && killed.has(entry.pid) &&
+      !settledBy.has(`${entry.pid} ${entry.id}`)
+    ),
+    "start",
+  );
+  const unexplained = [...countByTask(events, "done")].filter(([id, count]) =>
+    count - 1 > (inFlightAtKill.get(id) ?? 0)
+  );
+  return { inFlightAtKill, unexplained };
+}
+
 /** Ends a worker, by SIGKILL unless another signal is given, and waits for it to exit. */
 export async function stopWorker(worker: Worker, signal: NodeJS.Signals = "SIGKILL") {
   if (worker.child.exitCode === null && worker.child.signalCode === null) {
