@@ -229,7 +229,8 @@ export interface TaskDefinition<T> {
   /**
    * How long a claim stays valid without renewal. A runner renews the lease of each running
    * attempt every third of this, so a task whose process died becomes claimable again about one
-   * lease after its last renewal.
+   * lease after its last renewal. Keep it well above the database's `busyTimeout` and the
+   * longest synchronous work of `process`: both block the event loop, and with it the renewals.
    *
    * @default {"30s"}
    */
