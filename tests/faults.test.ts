@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { spawn } from "node:child_process";
 import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
@@ -22,6 +22,9 @@ import {
   temporaryDirectory,
   waitFor,
 } from "./helpers.ts";
+
+// Several tests wait out a fault for seconds, and one starts a second process.
+setDefaultTimeout(20_000);
 
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
 
@@ -101,14 +104,14 @@ describe("database faults", () => {
     await waitFor(() => runs.length === 1);
 
     for (const suffix of ["", "-wal", "-shm"]) rmSync(path + suffix, { force: true });
-    await waitFor(() => logger.messages("error").length === 1, { timeout: 3_000 });
+    await waitFor(() => logger.messages("error").length === 1);
     expect(logger.messages("error")[0]).toContain(
       `The database file ${JSON.stringify(path)} was deleted while tasklite had it open`,
     );
 
     // A new file at the path, written through another connection as another process would.
     await perform(define(open(url)), 2);
-    await waitFor(() => runs.length === 2, { timeout: 5_000 });
+    await waitFor(() => runs.length === 2, { timeout: 10_000 });
     expect(runs).toEqual([1, 2]);
     expect(logger.messages("warn")).toEqual([
       `The database file ${JSON.stringify(path)} was replaced or restored while tasklite had ` +
@@ -159,7 +162,7 @@ describe("database faults", () => {
     expect(runs).toEqual([]);
 
     await database.client.execute("PRAGMA query_only = OFF");
-    await waitFor(() => runs.length === 1, { timeout: 5_000 });
+    await waitFor(() => runs.length === 1, { timeout: 10_000 });
     expect(runs).toEqual([2]);
     expect(logger.messages("error")).toHaveLength(1);
     expect(await taskRows(database)).toEqual([]);
@@ -201,7 +204,7 @@ describe("database faults", () => {
     let output = "";
     locker.stdout.setEncoding("utf8");
     locker.stdout.on("data", (chunk: string) => void (output += chunk));
-    await waitFor(() => output.includes("locked"));
+    await waitFor(() => output.includes("locked"), { timeout: 15_000 });
 
     const id = await perform(task, 1);
     expect(existsSync(released)).toBe(true);

@@ -1,7 +1,12 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { join } from "node:path";
 import { type Database, defineDatabaseTask, openDatabase, performMany } from "../mod.ts";
-import { countByState, taskRows, temporaryDirectory, waitFor } from "./helpers.ts";
+import {
+  countByState,
+  taskRows,
+  temporaryDirectory,
+  waitFor as waitForCondition,
+} from "./helpers.ts";
 import {
   checkRepeats,
   countByTask,
@@ -11,6 +16,17 @@ import {
   type Worker,
   type WorkerConfig,
 } from "./worker-process.ts";
+
+// Worker processes start in about 100 ms on an idle machine and in seconds on a loaded one.
+setDefaultTimeout(30_000);
+
+/** Waits for a condition, with a time limit that leaves room for slow process start-up. */
+function waitFor<T>(
+  condition: () => T | Promise<T>,
+  options: Parameters<typeof waitForCondition>[1] = {},
+): Promise<T> {
+  return waitForCondition(condition, { timeout: 15_000, interval: 10, ...options });
+}
 
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
 
