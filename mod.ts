@@ -375,7 +375,8 @@ export interface TaskDefinition<T> {
   /**
    * How long a claim stays valid without renewal. A runner renews the lease of each running
    * attempt every third of this, so a task whose process died becomes claimable again about one
-   * lease after its last renewal.
+   * lease after its last renewal. Keep it well above the database's `busyTimeout` and the
+   * longest synchronous work of `process`: both block the event loop, and with it the renewals.
    *
    * @default {"30s"}
    */
@@ -467,7 +468,8 @@ export interface StopOptions {
   /**
    * How long to wait for running attempts. After it, their signals fire and their leases are
    * released, so another runner can claim them at once. A released attempt does not count
-   * against `maxAttempts`.
+   * against `maxAttempts`. Success and failed hooks still running at this time are not waited
+   * for.
    *
    * @default {"30s"}
    */
@@ -1165,7 +1167,7 @@ const sql = {
   setUserVersion: "PRAGMA user_version = 1",
   journalModeWal: "PRAGMA journal_mode = WAL",
   synchronousNormal: "PRAGMA synchronous = NORMAL",
-  databaseFile: "SELECT file FROM pragma_database_list WHERE name = 'main'",
+  dataVersion: "PRAGMA data_version",
   connectionState:
     "SELECT data_version, synchronous, timeout FROM pragma_data_version, pragma_synchronous, pragma_busy_timeout",
 
@@ -1380,6 +1382,9 @@ function isTransactionActiveError(error: unknown): boolean {
   return error instanceof LibsqlError && error.code === "TRANSACTION_ACTIVE";
 }
 
+/** How long `SqliteStorage.run` keeps retrying a busy error before it throws it. */
+const busyRetryTime = 10_000;
+
 const sleep = (milliseconds: number) =>
   new Promise<void>((resolve) => setTimeout(resolve, milliseconds));
 
@@ -1389,24 +1394,38 @@ const sleep = (milliseconds: number) =>
  */
 class SqliteStorage {
   readonly #client: Client;
+  /** The error that every statement fails with while the database must not be used. */
+  #unavailable: Error | undefined;
 
   constructor(client: Client) {
     this.#client = client;
   }
 
   /**
-   * Runs statements, as one immediate ("write") transaction when there are several, and
-   * retries a busy error or a transaction held by another caller of a single-connection client,
-   * with jittered backoff, for up to about 10 seconds.
+   * Makes every later statement, including the next try of a statement that is waiting to be
+   * retried, fail with `error`. `undefined` lets statements run again.
+   */
+  setUnavailable(error: Error | undefined): void {
+    this.#unavailable = error;
+  }
+
+  /**
+   * Runs statements, as one immediate ("write") transaction when there are several. A busy
+   * error, or a transaction that another caller of a single-connection client holds, is
+   * retried after delays that double from about 2 ms to 500 ms, each ±50 %, until
+   * `busyRetryTime` has passed since the first try. Each try can itself wait up to the
+   * connection's busy timeout.
    */
   async run(statements: InStatement[]): Promise<ResultSet[]> {
+    const started = Date.now();
     for (let attempt = 1;; attempt++) {
+      if (this.#unavailable !== undefined) throw this.#unavailable;
       try {
         if (statements.length === 1) return [await this.#client.execute(statements[0])];
         return await this.#client.batch(statements, "write");
       } catch (error) {
         const retriable = isBusyError(error) || isTransactionActiveError(error);
-        if (!retriable || attempt >= 40) throw error;
+        if (!retriable || Date.now() - started >= busyRetryTime) throw error;
         await sleep(Math.min(500, 2 ** attempt) * (0.5 + Math.random()));
       }
     }
@@ -1551,6 +1570,12 @@ class SqliteStorage {
     return result.rows.map((row) => row.name as string);
   }
 
+  /** Reads `data_version`, which changes when another connection commits to the file. */
+  async dataVersion(): Promise<number> {
+    const result = await this.execute(sql.dataVersion);
+    return result.rows[0].data_version as number;
+  }
+
   /**
    * Stores a schedule in one transaction with the removal of the pending runs of the schedule
    * it replaces. Returns whether the schedule was created, replaced or already stored as it
@@ -1675,12 +1700,6 @@ class SqliteStorage {
    * Reads the connection's `data_version` and whether `synchronous = NORMAL` is set, and sets
    * it again when a new pooled connection lacks it.
    */
-  /** Returns the path of the main database file, or "" for an in-memory database. */
-  async databaseFile(): Promise<string> {
-    const result = await this.execute(sql.databaseFile);
-    return (result.rows[0]?.file as string | undefined) ?? "";
-  }
-
   async watchConnection(): Promise<number> {
     const result = await this.execute(sql.connectionState);
     const row = result.rows[0];
@@ -1819,11 +1838,10 @@ class TaskDatabase implements Database {
   #watchTimer: ReturnType<typeof setInterval> | undefined;
   #dataVersion: number | undefined;
   #watching = false;
-  #watchTicks = 0;
-  /** The WAL file to fingerprint: null until looked up, undefined when there is none. */
-  #walFile: string | null | undefined = null;
-  #walState: string | undefined;
+  #connectionCheckedAt = 0;
   #busyTimeoutWarned = false;
+  /** The identity check of a local file that tasklite opened itself. */
+  readonly #file: DatabaseFile | undefined;
   logger: Logger = consoleLogger;
   readonly [databaseBrand] = true;
 
@@ -1843,6 +1861,9 @@ class TaskDatabase implements Database {
     this.#watchInterval = options.watchInterval;
     this.storage = new SqliteStorage(client);
     this.identity = identity;
+    if (this.#shared && url !== undefined) {
+      this.#file = new DatabaseFile(identity.slice("file:".length));
+    }
   }
 
   get closed(): boolean {
@@ -1878,6 +1899,7 @@ class TaskDatabase implements Database {
     for (const runner of [...(runnersByDatabase.get(this.identity) ?? [])]) {
       if (runner.database === this) runner.onDatabaseClosed();
     }
+    this.storage.setUnavailable(closedError());
     this.#stopWatching();
     for (const pending of this.#pendingInserts.splice(0)) pending.reject(closedError());
     this.#closeClient?.();
@@ -1975,41 +1997,25 @@ class TaskDatabase implements Database {
     if (this.#watchTimer !== undefined) clearInterval(this.#watchTimer);
     this.#watchTimer = undefined;
     this.#dataVersion = undefined;
-    this.#walState = undefined;
-  }
-
-  /**
-   * Returns a fingerprint of the WAL file (inode, size, modification time), which changes on
-   * every commit to the file. A `stat` costs a few microseconds where the `data_version` query
-   * costs about 50 to 150 (libSQL 0.18 prepares each statement anew), so idle ticks stat only.
-   */
-  #walFingerprint(): string | undefined {
-    if (typeof this.#walFile !== "string") return undefined;
-    try {
-      const info = statSync(this.#walFile);
-      return `${info.ino}:${info.size}:${info.mtimeMs}`;
-    } catch {
-      return "missing";
-    }
   }
 
   async #checkDataVersion(): Promise<void> {
     if (this.#watching || this.#closed) return;
     this.#watching = true;
     try {
-      if (this.#walFile === null) {
-        const file = await this.storage.databaseFile();
-        this.#walFile = file === "" ? undefined : `${file}-wal`;
-      }
-      // Query anyway about once a second, in case a file system keeps coarse modification times.
-      this.#watchTicks++;
-      const fingerprint = this.#walFingerprint();
-      const periodic =
-        this.#watchTicks % Math.max(1, Math.round(1_000 / this.#watchInterval)) === 0;
-      if (fingerprint !== undefined && fingerprint === this.#walState && !periodic) return;
-      this.#walState = fingerprint;
-
-      const version = await this.storage.watchConnection();
+      if (this.#file?.due()) await this.#checkFile(this.#file);
+      // A query costs about ten times a stat of the WAL file (350 against 30 microseconds of CPU
+      // under Bun 1.4.5 on Linux), and another connection's commit changes the WAL file's size
+      // or time. The query runs once a
+      // second anyway, in case a commit left both unchanged, and then also checks the
+      // connection's settings, because a new pooled connection without them is only slower.
+      const now = Date.now();
+      const checkConnection = now - this.#connectionCheckedAt >= connectionCheckInterval;
+      if (!checkConnection && this.#file?.walChanged() === false) return;
+      if (checkConnection) this.#connectionCheckedAt = now;
+      const version = checkConnection
+        ? await this.storage.watchConnection()
+        : await this.storage.dataVersion();
       const changed = this.#dataVersion !== undefined && version !== this.#dataVersion;
       this.#dataVersion = version;
       if (!changed) return;
@@ -2021,6 +2027,146 @@ class TaskDatabase implements Database {
     } finally {
       this.#watching = false;
     }
+  }
+
+  /**
+   * Stops using the connection when its file was deleted or replaced, because SQLite would go on
+   * writing to the old file where no other process sees the rows. A replaced file, or a file
+   * that appears again after a deletion, is reopened and migrated.
+   */
+  async #checkFile(file: DatabaseFile): Promise<void> {
+    const change = file.check();
+    if (change === "deleted") {
+      this.storage.setUnavailable(
+        new Error(
+          `The database file ${JSON.stringify(file.path)} was deleted while tasklite had it ` +
+            `open, so tasklite stopped using it: restore the file, and tasklite reopens it`,
+        ),
+      );
+      return;
+    }
+    if (change !== "replaced") return;
+
+    this.storage.setUnavailable(undefined);
+    await this.client.reconnect();
+    this.#ready = undefined;
+    this.#isReady = false;
+    try {
+      await this.ready();
+    } catch (error) {
+      file.reopenFailed();
+      this.storage.setUnavailable(toError(error));
+      return;
+    }
+    this.logger.warn(
+      `The database file ${JSON.stringify(file.path)} was replaced or restored while tasklite ` +
+        `had it open; tasklite reopened it`,
+      { file: file.path },
+    );
+    for (const runner of runnersByDatabase.get(this.identity) ?? []) {
+      if (runner.database === this) runner.onReopen();
+    }
+  }
+}
+
+/** How often the watcher checks the connection's settings instead of only `data_version`. */
+const connectionCheckInterval = 1_000;
+
+/** How often a runner's database compares its file with the one at the file's path. */
+const fileCheckInterval = 1_000;
+
+/**
+ * A check of the identity (device and inode) of a local database file. An open SQLite
+ * connection keeps using its file after the file is deleted or renamed, and SQLite in WAL mode
+ * reports no error for that, so only a comparison with the file at the path shows it.
+ */
+class DatabaseFile {
+  readonly path: string;
+  #identity: string | undefined;
+  #checkedAt = 0;
+  #deleted = false;
+  #reopenFailed = false;
+  #walState: string | undefined;
+
+  constructor(path: string) {
+    this.path = path;
+    try {
+      this.#identity = fileIdentity(path);
+    } catch {
+      // The first check that can read the file records its identity.
+    }
+  }
+
+  /** Whether a check is due, at most once per `fileCheckInterval`. */
+  due(): boolean {
+    return Date.now() - this.#checkedAt >= fileCheckInterval;
+  }
+
+  /**
+   * Compares the file at the path with the open one. Returns "deleted" once when no file is
+   * there, and "replaced" when another file is there or a file is back after a deletion.
+   */
+  check(): "deleted" | "replaced" | undefined {
+    this.#checkedAt = Date.now();
+    let current: string | undefined;
+    try {
+      current = fileIdentity(this.path);
+    } catch {
+      // A file that cannot be read now (permissions, I/O) tells nothing about its identity.
+      return undefined;
+    }
+    if (current === undefined) {
+      if (this.#deleted) return undefined;
+      this.#deleted = true;
+      return "deleted";
+    }
+
+    const previous = this.#identity;
+    this.#identity = current;
+    const replaced = this.#deleted || this.#reopenFailed ||
+      (previous !== undefined && previous !== current);
+    this.#deleted = false;
+    this.#reopenFailed = false;
+    return replaced ? "replaced" : undefined;
+  }
+
+  /** Makes the next check report the file as replaced again, so reopening is retried. */
+  reopenFailed(): void {
+    this.#reopenFailed = true;
+  }
+
+  /**
+   * Returns whether the size or modification time of the WAL file changed since the last call,
+   * or `undefined` when it cannot tell, for example because the database does not use WAL.
+   */
+  walChanged(): boolean | undefined {
+    let state: string;
+    try {
+      const info = statSync(`${this.path}-wal`, { bigint: true });
+      state = `${info.size}:${info.mtimeNs}`;
+    } catch {
+      this.#walState = undefined;
+      return undefined;
+    }
+    const changed = state !== this.#walState;
+    this.#walState = state;
+    return changed;
+  }
+}
+
+/**
+ * Returns "device:inode" of a file, or `undefined` when no file is at the path.
+ *
+ * @throws {Error} When the file cannot be read for another reason.
+ */
+function fileIdentity(path: string): string | undefined {
+  try {
+    const info = statSync(path);
+    return `${info.dev}:${info.ino}`;
+  } catch (error) {
+    const code = (error as { code?: string }).code;
+    if (code === "ENOENT" || code === "ENOTDIR") return undefined;
+    throw error;
   }
 }
 
@@ -2688,10 +2834,19 @@ class Attempt {
     return this.controller.signal;
   }
 
+  // NOTE: an abort listener that throws is reported by the runtime as an uncaught exception,
+  // which ends a Node.js, Bun or Deno process, and the runner cannot catch it.
   abort(reason: Error): void {
     this.controller ??= new AbortController();
     if (!this.controller.signal.aborted) this.controller.abort(reason);
   }
+}
+
+/** A finished attempt and the result to write for it. */
+interface SettlementEntry {
+  settlement: Settlement | undefined;
+  after?: AfterSettle;
+  attempt: Attempt;
 }
 
 /** A hook call to make after a settlement was committed. */
@@ -2720,9 +2875,9 @@ class TaskRunner {
   readonly #inFlight = new Map<string, Attempt>();
   /** Attempts in start order, which is also deadline order because the timeout is fixed. */
   #deadlines: Attempt[] = [];
-  #settlements: Array<
-    { settlement: Settlement | undefined; after?: AfterSettle; attempt: Attempt }
-  > = [];
+  #settlements: SettlementEntry[] = [];
+  /** Results that `#flush` is writing now. Their leases are renewed until the write ends. */
+  #writing: SettlementEntry[] = [];
   readonly #hooks = new Set<Promise<void>>();
 
   /** Whether due rows may be waiting: set by wake-ups, cleared when a claim comes back short. */
@@ -2741,6 +2896,7 @@ class TaskRunner {
   #retryTimer: ReturnType<typeof setTimeout> | undefined;
   #errorDelay = 0;
   readonly #errors = new RepeatLimiter();
+  readonly #renewErrors = new RepeatLimiter();
   #idleWaiters: Array<() => void> = [];
   #stopping: Promise<void> | undefined;
   #resolveStopped!: () => void;
@@ -2777,6 +2933,16 @@ class TaskRunner {
   onExternalChange(): void {
     if (this.#state !== "running") return;
     this.#checkNext = true;
+    this.#schedulePump();
+  }
+
+  /** Called when the database reopened its file: ends a database error's backoff early. */
+  onReopen(): void {
+    if (this.#state !== "running") return;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#errorDelay = 0;
+    this.#maybeDue = true;
     this.#schedulePump();
   }
 
@@ -2894,14 +3060,22 @@ class TaskRunner {
     const wait = this.#errorDelay * (0.75 + Math.random() * 0.5);
     const message = logText(toError(error));
     const { log, repeats } = this.#errors.shouldLog(message, Date.now());
+    const fields = { task: this.name, error: toError(error), retryInMs: Math.round(wait) };
     if (log) {
       this.#log.error(
         `Task "${this.name}": database error, retrying in ${formatDuration(wait)}: ${message}${
           repeats > 0 ? ` (repeated ${repeats} times)` : ""
         }`,
-        { task: this.name, error: toError(error), retryInMs: Math.round(wait) },
+        fields,
+      );
+    } else if (this.#debug) {
+      this.#log.debug(
+        `Task "${this.name}": database error again, retrying in ${formatDuration(wait)}`,
+        fields,
       );
     }
+    // The rescue and the pump can both fail at once: keep one retry.
+    clearTimeout(this.#retryTimer);
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = undefined;
       this.#maybeDue = true;
@@ -2994,15 +3168,11 @@ class TaskRunner {
       result instanceof Promise ||
       (typeof result === "object" && result !== null && "then" in result)
     ) {
-      try {
-        (result as Promise<unknown>).then(
-          () => this.#succeed(attempt),
-          (error) => this.#fail(attempt, toError(error)),
-        );
-      } catch (error) {
-        // A thenable whose then() throws.
-        this.#fail(attempt, toError(error));
-      }
+      // Promise.resolve turns a thenable whose `then` throws into a rejection.
+      Promise.resolve(result).then(
+        () => this.#succeed(attempt),
+        (error) => this.#fail(attempt, toError(error)),
+      );
     } else {
       this.#succeed(attempt);
     }
@@ -3112,6 +3282,7 @@ class TaskRunner {
     if (attempt.settled) return false;
     attempt.settled = true;
     this.#inFlight.delete(attempt.row.id);
+    this.#trimDeadlines();
     if (this.#inFlight.size === 0) {
       for (const resolve of this.#idleWaiters.splice(0)) resolve();
     }
@@ -3124,20 +3295,24 @@ class TaskRunner {
     this.#settlements = [];
     const settlements = entries.flatMap((entry) => entry.settlement ? [entry.settlement] : []);
     let applied: Set<string>;
+    this.#writing = entries;
     try {
       applied = settlements.length > 0
         ? await this.database.storage.settle(settlements)
         : new Set();
     } catch (error) {
-      // Keep the results for the next try; the leases stay renewed meanwhile.
+      // Keep the results for the next try. The heartbeat renews their leases meanwhile.
       this.#settlements = entries.concat(this.#settlements);
       throw error;
+    } finally {
+      this.#writing = [];
     }
 
     for (const entry of entries) {
       const { attempt } = entry;
       const id = attempt.row.id;
       if (entry.settlement !== undefined && !applied.has(id)) {
+        attempt.abort(this.#leaseLostError(id));
         this.#log.warn(
           `Task "${this.name}" ${id}: lease lost before the result was recorded; the runner ` +
             `that holds it now decides the outcome`,
@@ -3189,6 +3364,18 @@ class TaskRunner {
     promise.finally(() => this.#hooks.delete(promise));
   }
 
+  /**
+   * Drops ended attempts from the deadline queue, which otherwise keeps every attempt until the
+   * oldest one's timeout passes (5 minutes by default), however many attempts end meanwhile.
+   */
+  #trimDeadlines(): void {
+    while (this.#deadlines.length > 0 && this.#deadlines[0].settled) this.#deadlines.shift();
+    // Attempts that end behind a long-running head are removed once they outnumber the running.
+    if (this.#deadlines.length > 2 * this.#inFlight.size + 64) {
+      this.#deadlines = this.#deadlines.filter((attempt) => !attempt.settled);
+    }
+  }
+
   #armDeadline(): void {
     while (this.#deadlines.length > 0 && this.#deadlines[0].settled) this.#deadlines.shift();
     const head = this.#deadlines[0];
@@ -3223,35 +3410,54 @@ class TaskRunner {
     this.#heartbeatTimer = setInterval(() => void this.#renewLeases(), this.#task.lease / 3);
   }
 
-  /** Extends the lease of every running attempt; an attempt whose lease is gone is aborted. */
+  /**
+   * Extends the leases of running attempts and of finished attempts whose results are not
+   * written yet, so a result that waits for the database is not run again elsewhere. A running
+   * attempt whose lease is gone is aborted.
+   */
   async #renewLeases(): Promise<void> {
-    if (this.#inFlight.size === 0) {
+    // Running attempts, and finished ones whose result is not written yet: until it is, their
+    // row is still running under this runner's lease.
+    const byToken = new Map<string, { running: Attempt[]; ids: string[] }>();
+    const add = (attempt: Attempt, running: boolean) => {
+      let entry = byToken.get(attempt.token);
+      if (entry === undefined) {
+        entry = { running: [], ids: [] };
+        byToken.set(attempt.token, entry);
+      }
+      if (running) entry.running.push(attempt);
+      entry.ids.push(attempt.row.id);
+    };
+    for (const attempt of this.#inFlight.values()) add(attempt, true);
+    for (const { attempt } of [...this.#settlements, ...this.#writing]) add(attempt, false);
+    if (byToken.size === 0) {
       clearInterval(this.#heartbeatTimer);
       this.#heartbeatTimer = undefined;
       return;
     }
     if (this.database.closed) return;
-    const byToken = new Map<string, Attempt[]>();
-    for (const attempt of this.#inFlight.values()) {
-      const list = byToken.get(attempt.token);
-      if (list) list.push(attempt);
-      else byToken.set(attempt.token, [attempt]);
-    }
-    for (const [token, attempts] of byToken) {
+    for (const [token, { running: attempts, ids }] of byToken) {
       let held: Set<string>;
       try {
         held = await this.database.storage.renew(
           token,
-          attempts.map((attempt) => attempt.row.id),
+          ids,
           this.database.now() + this.#task.lease,
         );
       } catch (error) {
-        this.#log.error(`Task "${this.name}": renewing leases failed: ${logText(toError(error))}`, {
-          task: this.name,
-          error: toError(error),
-        });
+        const message = logText(toError(error));
+        const { log, repeats } = this.#renewErrors.shouldLog(message, Date.now());
+        if (log) {
+          this.#log.error(
+            `Task "${this.name}": renewing leases failed: ${message}${
+              repeats > 0 ? ` (repeated ${repeats} times)` : ""
+            }`,
+            { task: this.name, error: toError(error) },
+          );
+        }
         continue;
       }
+      this.#renewErrors.reset();
       for (const attempt of attempts) {
         if (attempt.settled || held.has(attempt.row.id)) continue;
         this.#loseLease(attempt);
@@ -3259,14 +3465,17 @@ class TaskRunner {
     }
   }
 
+  /** The abort reason of an attempt whose lease another runner may hold now. */
+  #leaseLostError(id: string): DOMException {
+    return new DOMException(
+      `Task "${this.name}" ${id}: lease lost, another runner may be running it`,
+      "AbortError",
+    );
+  }
+
   #loseLease(attempt: Attempt): void {
     if (!this.#finish(attempt)) return;
-    attempt.abort(
-      new DOMException(
-        `Task "${this.name}" ${attempt.row.id}: lease lost, another runner may be running it`,
-        "AbortError",
-      ),
-    );
+    attempt.abort(this.#leaseLostError(attempt.row.id));
     this.#log.warn(
       `Task "${this.name}" ${attempt.row.id}: lease lost while running (the process may have ` +
         `been paused or its event loop blocked for longer than the lease); the attempt was aborted`,
@@ -3325,7 +3534,14 @@ class TaskRunner {
       0,
       0,
     );
-    const error = await this.#decode(attempt);
+    let error: Error | undefined;
+    try {
+      error = await this.#decode(attempt);
+    } catch (thrown) {
+      error = toError(thrown);
+    }
+    // The failed hook receives the decoded data, so a row whose data cannot be decoded gets no
+    // hook, as in `#reject`.
     if (error !== undefined) return;
     this.#runHook({
       kind: "failed",
@@ -4427,7 +4643,7 @@ export async function runTasks(
   options: RunTasksOptions = {},
 ): Promise<Runner> {
   const parsed = parseOptions(runTasksOptionsSchema, options, "runTasks()");
-  const logger: Logger = parsed.logger ?? consoleLogger;
+  const logger = guardLogger(parsed.logger ?? consoleLogger);
 
   let list: ReadonlyArray<Task<unknown>>;
   if (typeof tasks === "string") {
@@ -4551,6 +4767,29 @@ export async function runTasks(
   return { tasks: names, stop, stopped, scheduler };
 }
 
+/**
+ * Wraps a logger so that a method that throws cannot break the runner that calls it. The line
+ * and the logger's error go to the console instead.
+ */
+function guardLogger(logger: Logger): Logger {
+  const guard = (level: keyof Logger) => (message: string, fields?: Record<string, unknown>) => {
+    try {
+      logger[level](message, fields);
+    } catch (error) {
+      if (logger === consoleLogger) return;
+      consoleLogger.error(
+        `tasklite: the logger threw (${toError(error).message}) on this ${level} line: ${message}`,
+      );
+    }
+  };
+  return {
+    debug: guard("debug"),
+    info: guard("info"),
+    warn: guard("warn"),
+    error: guard("error"),
+  };
+}
+
 /** Warns once per name about pending rows that no task of this runner handles. */
 function watchUnknownNames(
   definitions: TaskInternals[],
@@ -4640,14 +4879,15 @@ function handleSignals(onSignal: (signal: SignalName) => Promise<void>): () => v
         return;
       }
       received = signal;
-      void onSignal(signal).finally(() => {
+      const exit = () => {
         // Keep the handlers until the stop is done, so a second signal still exits at once.
         remove();
         if (deno !== undefined) deno.exit(exitCode);
         else if (nodeProcess !== undefined && nodeProcess.listenerCount(signal) === 0) {
           nodeProcess.exit(exitCode);
         }
-      });
+      };
+      onSignal(signal).then(exit, exit);
     };
     handlers.set(signal, handler);
     if (deno !== undefined) deno.addSignalListener(signal, handler);

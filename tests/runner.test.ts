@@ -772,16 +772,16 @@ describe("runTasks()", () => {
     let runs = 0;
     const task = defineDatabaseTask(database, {
       name: "long",
-      lease: 200,
+      lease: 400,
       pollInterval: 20,
       async process() {
         runs++;
-        await sleep(700);
+        await sleep(1_300);
       },
     });
     await perform(task, null);
     await start([task]);
-    await waitFor(async () => (await taskRows(database)).length === 0, { timeout: 3_000 });
+    await waitFor(async () => (await taskRows(database)).length === 0, { timeout: 4_000 });
     expect(runs).toBe(1);
   });
 });
