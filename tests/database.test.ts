@@ -25,10 +25,13 @@ describe("openDatabase()", () => {
       "locked_by",
       "priority",
       "key",
+      "finished_at",
+      "cancelled_at",
     ]);
     const indexes = await database.client.execute("SELECT name FROM pragma_index_list('tasks')");
     expect(indexes.rows.map((row) => row.name)).toContain("tasks_claim");
     expect(indexes.rows.map((row) => row.name)).toContain("tasks_key");
+    expect(indexes.rows.map((row) => row.name)).toContain("tasks_finished");
     const version = await database.client.execute("PRAGMA user_version");
     expect(version.rows[0].user_version).toBe(1);
     database.close();
@@ -139,7 +142,7 @@ describe("openDatabase()", () => {
     const columns = await database.client.execute(
       "SELECT count(*) AS n FROM pragma_table_info('tasks')",
     );
-    expect(columns.rows[0].n).toBe(14);
+    expect(columns.rows[0].n).toBe(16);
     database.close();
   });
 
