@@ -2114,7 +2114,11 @@ export async function perform<T>(
   data: NoInfer<T>,
   options?: PerformOptions,
 ): Promise<string> {
-  const { internals, parsed, row } = await prepareRow(task, data, options, "perform()");
+  const internals = toTaskInternals(task, "perform()");
+  const parsed = parsePerformOptions(options);
+  if (internals.schema !== undefined) await validateData(internals, data, "data");
+  const row = buildRow(internals, data, parsed);
+
   if (parsed.key !== undefined || parsed.transaction !== undefined) {
     const result = await insertWithOptions(internals.database, row, parsed);
     return result.id;
@@ -2152,7 +2156,11 @@ export async function performDetailed<T>(
   data: NoInfer<T>,
   options?: PerformOptions,
 ): Promise<PerformResult> {
-  const { internals, parsed, row } = await prepareRow(task, data, options, "performDetailed()");
+  const internals = toTaskInternals(task, "performDetailed()");
+  const parsed = parsePerformOptions(options);
+  if (internals.schema !== undefined) await validateData(internals, data, "data");
+  const row = buildRow(internals, data, parsed);
+
   if (parsed.key !== undefined || parsed.transaction !== undefined) {
     return await insertWithOptions(internals.database, row, parsed);
   }
@@ -2160,28 +2168,25 @@ export async function performDetailed<T>(
   return { id: row.id, status: "created" };
 }
 
-/** Validates a task's data and options and builds the row that `perform` inserts. */
-async function prepareRow(
-  task: unknown,
+/**
+ * Serialises the data and builds the row that `perform` inserts. Synchronous, so that the
+ * performs of one tick still reach the insert queue in the same tick.
+ */
+function buildRow(
+  internals: TaskInternals,
   data: unknown,
-  options: PerformOptions | undefined,
-  context: string,
-): Promise<{ internals: TaskInternals; parsed: ParsedPerformOptions; row: NewTaskRow }> {
-  const internals = toTaskInternals(task, context);
-  const parsed = parsePerformOptions(options);
-  if (internals.schema !== undefined) await validateData(internals, data, "data");
+  options: ParsedPerformOptions,
+): NewTaskRow {
   const json = serializeData(data, internals.name);
-
   const now = internals.database.now();
-  const row: NewTaskRow = {
+  return {
     id: createTaskId(now),
     name: internals.name,
     data: json,
     created: now,
-    runAt: runAtOf(parsed, now),
-    priority: parsed.priority,
+    runAt: runAtOf(options, now),
+    priority: options.priority,
   };
-  return { internals, parsed, row };
 }
 
 /**
