@@ -3443,8 +3443,11 @@ class CleanupService {
     this.#events = events;
   }
 
-  /** Deletes every row whose retention ran out at `now`, and returns how many it deleted. */
-  async runOnce(now: number): Promise<number> {
+  /**
+   * Deletes every row whose retention ran out at `now` (by default the database clock's time)
+   * and returns how many it deleted.
+   */
+  async runOnce(now = this.#task.database.now()): Promise<number> {
     const { name, database, keepCompleted, keepFailed } = this.#task;
     const storage = database.storage;
     let deleted = await storage.deleteFinished(name, "completed", now - keepCompleted);
@@ -3477,7 +3480,7 @@ class CleanupService {
   async #tick(): Promise<void> {
     const { name, database } = this.#task;
     if (this.#running !== undefined || database.closed) return;
-    this.#running = this.runOnce(database.now());
+    this.#running = this.runOnce();
     try {
       await this.#running;
     } catch (thrown) {
@@ -3755,8 +3758,7 @@ export async function runTasks(
   }
 
   const cleanup = async (now?: Date | number): Promise<number> => {
-    const time = parseOptions(cleanupArgumentsSchema, { now }, "cleanup()").now ??
-      unique[0].database.now();
+    const time = parseOptions(cleanupArgumentsSchema, { now }, "cleanup()").now;
     let deleted = 0;
     for (const service of cleanups) deleted += await service.runOnce(time);
     return deleted;
