@@ -36,6 +36,7 @@ import {
   LibsqlError,
   type ResultSet,
   type Row,
+  type Transaction,
 } from "@libsql/client";
 import { Cron } from "croner";
 import * as v from "valibot";
@@ -389,6 +390,21 @@ export interface TaskDefinition<T> {
    * `runTasks` removes the stored schedule.
    */
   cron?: string | CronDefinition<T>;
+  /**
+   * How long the row of a successful run stays in the table as `completed`. With 0 the row is
+   * deleted when the success is recorded. A runner of this task deletes older rows every
+   * `cleanupInterval` (see {@linkcode RunTasksOptions}).
+   *
+   * @default {0}
+   */
+  keepCompleted?: Duration;
+  /**
+   * How long the row of a `failed` or `cancelled` task stays in the table, counted from when it
+   * reached that state. A runner of this task deletes older rows every `cleanupInterval`.
+   *
+   * @default {"30d"}
+   */
+  keepFailed?: Duration;
   /** Runs one attempt. A thrown error or a rejected promise fails the attempt. */
   process(context: TaskContext<T>): void | Promise<void>;
   /**
@@ -450,6 +466,45 @@ export interface PerformOptions {
    * @default {0}
    */
   priority?: number;
+  /**
+   * A deduplication key. While a task of the same name with this key is `pending` or
+   * `running`, `perform` enqueues nothing and resolves to that task's id. The key is free
+   * again once the task completes, fails, or is cancelled. Only {@linkcode perform} and
+   * {@linkcode performDetailed} take it.
+   */
+  key?: string;
+  /**
+   * The action of a `perform` with a `key` when a live task of the same name already has the
+   * key. `"ignore"` leaves the existing task as it is. `"replace"` gives a `pending` task this
+   * call's data, due time and priority, and keeps its id and attempt count. A `running` task is
+   * never replaced.
+   *
+   * @default {"ignore"}
+   */
+  onConflict?: "ignore" | "replace";
+  /**
+   * An open `@libsql/client` write transaction on the task's database. The task is inserted
+   * inside it, so it is committed or rolled back together with the application's own writes,
+   * and runners in this process are woken after the commit. For a local file opened by
+   * {@linkcode openDatabase}, use `database.client.transaction("write")`. The client has one
+   * connection, so other tasklite statements wait until the transaction ends: keep it short,
+   * and call {@linkcode Database.ready} before opening it. Do not open the transaction on a
+   * second client of the same file in the same process: a tasklite write that waits for its
+   * lock blocks the event loop, so the transaction cannot commit until the busy timeout.
+   */
+  transaction?: Transaction;
+}
+
+/** The result of {@linkcode performDetailed}. */
+export interface PerformResult {
+  /** The id of the new task, or of the existing task on a duplicate. */
+  readonly id: string;
+  /**
+   * `"created"` when a new task was inserted. `"duplicate"` when a live task with the same key
+   * exists and was left as it is. `"replaced"` when `onConflict: "replace"` updated a pending
+   * task with the same key.
+   */
+  readonly status: "created" | "duplicate" | "replaced";
 }
 
 /**
@@ -517,6 +572,18 @@ export interface RunTasksOptions {
    * @default {"30s"}
    */
   stopTimeout?: Duration;
+  /**
+   * Receives every lifecycle event of the runners. It is called synchronously; an error it
+   * throws is logged and does not affect the runner. See {@linkcode Runner.on} for one type.
+   */
+  onEvent?: (event: TaskEvent) => void;
+  /**
+   * How often the runners delete rows whose retention (`keepCompleted`, `keepFailed`) ran out.
+   * The first cleanup runs when the runners start.
+   *
+   * @default {"1m"}
+   */
+  cleanupInterval?: Duration;
 }
 
 /**
@@ -541,6 +608,25 @@ export interface Runner {
   stop(options?: StopOptions): Promise<void>;
   /** Resolves when the runners have stopped, after `stop()`, the `signal` option or a signal. */
   readonly stopped: Promise<void>;
+  /**
+   * Calls `listener` for each event of one type, synchronously. An error it throws is logged
+   * and does not affect the runner.
+   *
+   * @returns A function that removes the listener.
+   * @throws {TypeError} When the type is not an event type or the listener is not a function.
+   */
+  on<TType extends TaskEvent["type"]>(
+    type: TType,
+    listener: (event: Extract<TaskEvent, { type: TType }>) => void,
+  ): () => void;
+  /**
+   * Deletes the rows of this runner's tasks whose retention ran out at `now`, as the runner
+   * does every `cleanupInterval`, and resolves to the number of rows deleted.
+   *
+   * @param now The time to measure retention against, in milliseconds since the epoch or as a
+   *   `Date`. Defaults to the database's clock.
+   */
+  cleanup(now?: Date | number): Promise<number>;
   /** The scheduler that enqueues the stored schedules of these tasks. */
   readonly scheduler: Scheduler;
 }
@@ -749,6 +835,20 @@ function durationSchema(minimum = 0, maximum = Number.MAX_SAFE_INTEGER) {
     v.transform((value) => typeof value === "number" ? value : toMilliseconds(value) as number),
     v.minValue(minimum, expected),
     v.maxValue(maximum, expected),
+  );
+}
+
+/** Creates a valibot schema that accepts a valid `Date` or epoch milliseconds and outputs ms. */
+function timeSchema() {
+  return v.pipe(
+    v.union(
+      [
+        v.pipe(v.date(), v.check((date) => !Number.isNaN(date.getTime()))),
+        v.pipe(v.number(), v.finite(), v.safeInteger()),
+      ],
+      "a valid Date or milliseconds since the epoch",
+    ),
+    v.transform((value) => value instanceof Date ? value.getTime() : value),
   );
 }
 
@@ -1082,10 +1182,22 @@ function logText(error: Error): string {
  * - `pending`: waiting until `run_at`. `perform` inserts rows in this state. A runner moves a
  *   row back here in three cases: after a failed attempt that has attempts left, when it stops
  *   before the attempt ends and releases the lease, and when it finds an expired lease.
+ *   `retry` and `retryFailed` move `failed` and `cancelled` rows here with `attempts = 0`.
+ *   Rows leave it through a claim or through `cancel`.
  * - `running`: claimed by the runner named in `locked_by` until `locked_until`. Only a claim
- *   moves a row here. The runner that holds the lease deletes the row after a success.
+ *   moves a row here. The runner that holds the lease deletes the row after a success, or
+ *   moves it to `completed`, `failed` or back to `pending`. `cancel` sets `cancelled_at` on a
+ *   running row, and the runner that holds it aborts the attempt and moves it to `cancelled`.
+ * - `completed`: succeeded, kept because the task's `keepCompleted` is above zero. The runner
+ *   sets `finished_at`.
  * - `failed`: the last attempt failed, or the stored data could not be decoded. The row keeps
- *   its error in `failed_error` and is not run again.
+ *   its error in `failed_error` and is not run again unless `retry` moves it.
+ * - `cancelled`: `cancel` moved it here from `pending`, or the runner did after a cancel of a
+ *   running row. A released or rescued row with `cancelled_at` set also ends here.
+ *
+ * `completed`, `failed` and `cancelled` are end states: they free the row's `key`, get
+ * `finished_at`, and the cleanup of a runner of the task (or `purge`) deletes them once the
+ * task's retention has passed.
  */
 
 /** The schema version written to `PRAGMA user_version`. */
@@ -1111,6 +1223,8 @@ const taskColumns: Record<string, string> = {
   // schedule's name, "@" and the tick as an ISO string, so a tick has one live run.
   schedule: "TEXT",
   scheduled_for: "INTEGER",
+  finished_at: "INTEGER",
+  cancelled_at: "INTEGER",
 };
 
 /*
@@ -1162,6 +1276,13 @@ const sql = {
   createScheduleIndex: `CREATE INDEX IF NOT EXISTS tasks_schedule ON tasks (schedule, state)
     WHERE schedule IS NOT NULL`,
   schedulesTable: "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'schedules'",
+  // Only rows in an end state have `finished_at`, so the retention cleanup reads just the rows
+  // it deletes, and inserts of pending rows never touch this index.
+  createFinishedIndex: `CREATE INDEX IF NOT EXISTS tasks_finished
+    ON tasks (name, state, finished_at) WHERE finished_at IS NOT NULL`,
+  // Rows that failed before `finished_at` existed get their failure time.
+  backfillFinishedAt:
+    "UPDATE tasks SET finished_at = failed_last WHERE state = 'failed' AND finished_at IS NULL",
   tableColumns: "SELECT name FROM pragma_table_info('tasks')",
   userVersion: "PRAGMA user_version",
   setUserVersion: "PRAGMA user_version = 1",
@@ -1178,6 +1299,22 @@ const sql = {
   insertMany: `INSERT INTO tasks (id, name, data, created, run_at, priority, state)
     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, 'pending'
     FROM json_each(?)`,
+
+  // A keyed insert names the partial unique index `tasks_key` as its conflict target. A live
+  // row with the same name and key then turns the insert into nothing. For `replaceKeyed`, it
+  // turns it into an update of that row while the row is pending.
+  insertKeyed: `INSERT INTO tasks (id, name, data, created, run_at, priority, key, state)
+    VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')
+    ON CONFLICT (name, key) WHERE key IS NOT NULL AND state IN ('pending', 'running') DO NOTHING
+    RETURNING id`,
+  replaceKeyed: `INSERT INTO tasks (id, name, data, created, run_at, priority, key, state)
+    VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')
+    ON CONFLICT (name, key) WHERE key IS NOT NULL AND state IN ('pending', 'running')
+    DO UPDATE SET data = excluded.data, run_at = excluded.run_at, priority = excluded.priority
+      WHERE state = 'pending'
+    RETURNING id`,
+  liveKeyed: `SELECT id FROM tasks
+    WHERE name = ? AND key = ? AND state IN ('pending', 'running')`,
 
   // One statement claims up to `limit` due rows and returns them. The subquery is materialised
   // before the update, so the rows are chosen and locked atomically.
@@ -1204,25 +1341,41 @@ const sql = {
   complete: `DELETE FROM tasks
     WHERE locked_by = ? AND state = 'running' AND id IN (SELECT value FROM json_each(?))
     RETURNING id`,
+  // The success of a task with `keepCompleted` keeps its row.
+  markCompleted: `UPDATE tasks
+    SET state = 'completed', finished_at = ?1, locked_until = NULL, locked_by = NULL
+    WHERE locked_by = ?2 AND state = 'running' AND id IN (SELECT value FROM json_each(?3))
+    RETURNING id`,
+  markCancelled: `UPDATE tasks
+    SET state = 'cancelled', finished_at = ?1, locked_until = NULL, locked_by = NULL
+    WHERE id = ?2 AND locked_by = ?3 AND state = 'running'
+    RETURNING id`,
+  // A row whose cancel was requested while it ran ends `cancelled` instead of being retried.
   retry: `UPDATE tasks
-    SET state = 'pending', run_at = ?1, failed_last = ?2, failed_nr = coalesce(failed_nr, 0) + 1,
+    SET state = CASE WHEN cancelled_at IS NULL THEN 'pending' ELSE 'cancelled' END,
+      finished_at = CASE WHEN cancelled_at IS NULL THEN NULL ELSE ?2 END,
+      run_at = ?1, failed_last = ?2, failed_nr = coalesce(failed_nr, 0) + 1,
       failed_error = ?3, locked_until = NULL, locked_by = NULL
     WHERE id = ?4 AND locked_by = ?5 AND state = 'running'
     RETURNING id`,
   fail: `UPDATE tasks
     SET state = 'failed', failed_last = ?1, failed_nr = coalesce(failed_nr, 0) + 1,
-      failed_error = ?2, locked_until = NULL, locked_by = NULL
+      failed_error = ?2, locked_until = NULL, locked_by = NULL, finished_at = ?1
     WHERE id = ?3 AND locked_by = ?4 AND state = 'running'
     RETURNING id`,
   // Looked up by id: there is no index on locked_by, and without the id list this scans the
-  // whole table.
+  // whole table. `cancel_requested` is true when `cancel` was called on a row that the runner
+  // is running.
   renew: `UPDATE tasks SET locked_until = ?1
     WHERE locked_by = ?2 AND state = 'running' AND id IN (SELECT value FROM json_each(?3))
-    RETURNING id`,
+    RETURNING id, cancelled_at IS NOT NULL AS cancel_requested`,
   // A released attempt gives its attempt back: it ended because the runner stopped, not because
-  // the task failed.
+  // the task failed. A row whose cancel was requested ends `cancelled`, finished when the
+  // cancel was requested.
   release: `UPDATE tasks
-    SET state = 'pending', attempts = max(attempts - 1, 0), locked_until = NULL, locked_by = NULL
+    SET state = CASE WHEN cancelled_at IS NULL THEN 'pending' ELSE 'cancelled' END,
+      finished_at = cancelled_at,
+      attempts = max(attempts - 1, 0), locked_until = NULL, locked_by = NULL
     WHERE locked_by = ? AND state = 'running' AND id IN (SELECT value FROM json_each(?))
     RETURNING id`,
   // Running rows are few (at most the batch sizes of live runners), so scanning them through
@@ -1230,7 +1383,9 @@ const sql = {
   hasExpiredLease: `SELECT 1 FROM tasks
     WHERE name = ? AND state = 'running' AND locked_until < ? LIMIT 1`,
   rescue: `UPDATE tasks
-    SET state = CASE WHEN attempts >= ?1 THEN 'failed' ELSE 'pending' END,
+    SET state = CASE WHEN cancelled_at IS NOT NULL THEN 'cancelled'
+        WHEN attempts >= ?1 THEN 'failed' ELSE 'pending' END,
+      finished_at = CASE WHEN cancelled_at IS NOT NULL OR attempts >= ?1 THEN ?2 END,
       run_at = ?2, failed_last = ?2, failed_nr = coalesce(failed_nr, 0) + 1, failed_error = ?3,
       locked_until = NULL, locked_by = NULL
     WHERE name = ?4 AND state = 'running' AND locked_until < ?2
@@ -1300,6 +1455,56 @@ const sql = {
       SELECT 1 FROM tasks WHERE schedule = ?4 AND state IN ('pending', 'running')))
     ON CONFLICT DO NOTHING
     RETURNING id, scheduled_for`,
+  // `cancel` runs these three in one transaction. A pending row, or a running row whose lease
+  // expired, is cancelled at once. A live running row only gets `cancelled_at`, and its runner
+  // ends it. The last statement returns the state of a row that neither update matched.
+  cancelNow: `UPDATE tasks
+    SET state = 'cancelled', finished_at = ?1, cancelled_at = coalesce(cancelled_at, ?1),
+      locked_until = NULL, locked_by = NULL
+    WHERE id = ?2 AND (state = 'pending' OR (state = 'running' AND locked_until < ?1))
+    RETURNING id`,
+  requestCancel: `UPDATE tasks SET cancelled_at = coalesce(cancelled_at, ?1)
+    WHERE id = ?2 AND state = 'running'
+    RETURNING id`,
+  taskState: "SELECT name, state, key FROM tasks WHERE id = ?",
+
+  // A retried row gets a fresh attempt budget and keeps its failure history (failed_nr,
+  // failed_error, failed_last). OR IGNORE skips a row whose key a live row holds, because
+  // un-failing it would break the unique index `tasks_key`.
+  retryTask: `UPDATE OR IGNORE tasks
+    SET state = 'pending', attempts = 0, run_at = ?1, finished_at = NULL, cancelled_at = NULL,
+      locked_until = NULL, locked_by = NULL
+    WHERE id = ?2 AND state IN ('failed', 'cancelled')
+    RETURNING name`,
+  retryFailed: `UPDATE OR IGNORE tasks
+    SET state = 'pending', attempts = 0, run_at = ?1, finished_at = NULL, cancelled_at = NULL,
+      locked_until = NULL, locked_by = NULL
+    WHERE state = 'failed'`,
+  retryFailedByName: `UPDATE OR IGNORE tasks
+    SET state = 'pending', attempts = 0, run_at = ?1, finished_at = NULL, cancelled_at = NULL,
+      locked_until = NULL, locked_by = NULL
+    WHERE state = 'failed' AND name = ?2`,
+  changes: "SELECT changes() AS count",
+  countFailed: "SELECT count(*) AS count FROM tasks WHERE state = 'failed'",
+  countFailedByName: "SELECT count(*) AS count FROM tasks WHERE state = 'failed' AND name = ?",
+
+  // Retention cleanup and purge delete in chunks, so that no statement holds the write lock
+  // for long. With a name, the subquery reads the partial index `tasks_finished`.
+  deleteFinished: `DELETE FROM tasks WHERE rowid IN (
+      SELECT rowid FROM tasks WHERE name = ?1 AND state = ?2 AND finished_at <= ?3 LIMIT ?4)`,
+  deleteFinishedOfAllNames: `DELETE FROM tasks WHERE rowid IN (
+      SELECT rowid FROM tasks WHERE state = ?1 AND finished_at <= ?2 LIMIT ?3)`,
+
+  // Reads the claim index only: name, state and run_at are all in it.
+  stats: `SELECT name, state, count(*) AS count,
+      min(CASE WHEN state = 'pending' AND run_at <= ?1 THEN run_at END) AS oldest_due
+    FROM tasks GROUP BY name, state ORDER BY name`,
+  // Newest first. A NULL filter matches every row.
+  listTasks: `SELECT id, name, state, data, key, priority, attempts, created, run_at,
+      locked_until, locked_by, failed_nr, failed_last, failed_error, finished_at, cancelled_at
+    FROM tasks
+    WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR name = ?2)
+    ORDER BY rowid DESC LIMIT ?3`,
 } as const;
 
 /** A row to insert. `data` is JSON text or null. */
@@ -1356,17 +1561,22 @@ interface Firing {
   now: number;
 }
 
-/** A result to record for a running row, fenced by the claim's token. */
+/**
+ * A result to record for a running row, fenced by the claim's token. `complete` deletes the
+ * row; `keep` records the success and keeps the row as `completed`.
+ */
 type Settlement =
   | { kind: "complete"; id: string; token: string }
+  | { kind: "keep"; id: string; token: string; now: number }
   | { kind: "retry"; id: string; token: string; runAt: number; now: number; error: string }
-  | { kind: "fail"; id: string; token: string; now: number; error: string };
+  | { kind: "fail"; id: string; token: string; now: number; error: string }
+  | { kind: "cancel"; id: string; token: string; now: number };
 
 /** A row that the lease rescue moved, with the state it moved to. */
 interface RescuedRow {
   id: string;
   data: string | null;
-  state: "pending" | "failed";
+  state: "pending" | "failed" | "cancelled";
   attempts: number;
 }
 
@@ -1436,13 +1646,18 @@ class SqliteStorage {
     return result;
   }
 
-  async insert(rows: NewTaskRow[]): Promise<void> {
+  /** Runs statements in `transaction` when one is given, and as {@linkcode run} does if not. */
+  #runIn(transaction: Transaction | undefined, statements: InStatement[]): Promise<ResultSet[]> {
+    return transaction === undefined ? this.run(statements) : transaction.batch(statements);
+  }
+
+  async insert(rows: NewTaskRow[], transaction?: Transaction): Promise<void> {
     if (rows.length === 1) {
       const row = rows[0];
-      await this.execute({
+      await this.#runIn(transaction, [{
         sql: sql.insertOne,
         args: [row.id, row.name, row.data, row.created, row.runAt, row.priority],
-      });
+      }]);
       return;
     }
     // SQLite's string limit is far above this, but one huge JSON argument keeps the whole batch
@@ -1460,7 +1675,38 @@ class SqliteStorage {
       ]);
       statements.push({ sql: sql.insertMany, args: [JSON.stringify(chunk)] });
     }
-    await this.run(statements);
+    await this.#runIn(transaction, statements);
+  }
+
+  /**
+   * Inserts a row with a deduplication key unless a live row of the same name has the key.
+   * With `replace`, such a row gets the new row's data, due time and priority while pending.
+   */
+  async insertKeyed(
+    row: NewTaskRow,
+    key: string,
+    replace: boolean,
+    transaction?: Transaction,
+  ): Promise<{ id: string; status: "created" | "duplicate" | "replaced" }> {
+    const [inserted, live] = await this.#runIn(transaction, [
+      {
+        sql: replace ? sql.replaceKeyed : sql.insertKeyed,
+        args: [row.id, row.name, row.data, row.created, row.runAt, row.priority, key],
+      },
+      { sql: sql.liveKeyed, args: [row.name, key] },
+    ]);
+    const returned = inserted.rows[0]?.id as string | undefined;
+    if (returned === row.id) return { id: row.id, status: "created" };
+    if (returned !== undefined) return { id: returned, status: "replaced" };
+    // Both statements ran in one transaction, so the row that blocked the insert is still live.
+    return { id: live.rows[0].id as string, status: "duplicate" };
+  }
+
+  /** Checks through `transaction` whether the `tasks` table has every column. */
+  async hasCurrentSchema(transaction: Transaction): Promise<boolean> {
+    const columns = await transaction.execute(sql.tableColumns);
+    const present = new Set(columns.rows.map((row) => row.name as string));
+    return Object.keys(taskColumns).every((column) => present.has(column));
   }
 
   async claim(
@@ -1497,12 +1743,29 @@ class SqliteStorage {
   /** Records results and returns the ids whose lease was still held, so the write applied. */
   async settle(settlements: Settlement[]): Promise<Set<string>> {
     const completedByToken = new Map<string, string[]>();
+    const keptByTokenAndTime = new Map<string, { token: string; now: number; ids: string[] }>();
     const statements: InStatement[] = [];
     for (const settlement of settlements) {
       if (settlement.kind === "complete") {
         const ids = completedByToken.get(settlement.token);
         if (ids) ids.push(settlement.id);
         else completedByToken.set(settlement.token, [settlement.id]);
+      } else if (settlement.kind === "keep") {
+        const group = `${settlement.token} ${settlement.now}`;
+        const kept = keptByTokenAndTime.get(group);
+        if (kept) kept.ids.push(settlement.id);
+        else {
+          keptByTokenAndTime.set(group, {
+            token: settlement.token,
+            now: settlement.now,
+            ids: [settlement.id],
+          });
+        }
+      } else if (settlement.kind === "cancel") {
+        statements.push({
+          sql: sql.markCancelled,
+          args: [settlement.now, settlement.id, settlement.token],
+        });
       } else if (settlement.kind === "retry") {
         statements.push({
           sql: sql.retry,
@@ -1524,6 +1787,9 @@ class SqliteStorage {
     for (const [token, ids] of completedByToken) {
       statements.push({ sql: sql.complete, args: [token, JSON.stringify(ids)] });
     }
+    for (const { token, now, ids } of keptByTokenAndTime.values()) {
+      statements.push({ sql: sql.markCompleted, args: [now, token, JSON.stringify(ids)] });
+    }
     const results = await this.run(statements);
     const applied = new Set<string>();
     for (const result of results) {
@@ -1532,12 +1798,16 @@ class SqliteStorage {
     return applied;
   }
 
-  async renew(token: string, ids: string[], lockedUntil: number): Promise<Set<string>> {
+  /**
+   * Extends the leases of a claim's rows. Returns the ids whose lease was still held, each
+   * mapped to whether `cancel` was called on it.
+   */
+  async renew(token: string, ids: string[], lockedUntil: number): Promise<Map<string, boolean>> {
     const result = await this.execute({
       sql: sql.renew,
       args: [lockedUntil, token, JSON.stringify(ids)],
     });
-    return new Set(result.rows.map((row) => row.id as string));
+    return new Map(result.rows.map((row) => [row.id as string, Boolean(row.cancel_requested)]));
   }
 
   async release(token: string, ids: string[]): Promise<Set<string>> {
@@ -1560,7 +1830,7 @@ class SqliteStorage {
     return result.rows.map((row: Row): RescuedRow => ({
       id: row.id as string,
       data: row.data as string | null,
-      state: row.state as "pending" | "failed",
+      state: row.state as RescuedRow["state"],
       attempts: row.attempts as number,
     }));
   }
@@ -1697,6 +1967,108 @@ class SqliteStorage {
   }
 
   /**
+   * Cancels a pending row, or a running row whose lease expired, and requests a cancel from
+   * the runner of a live running row. Returns the outcome, and the row's name and state.
+   */
+  async cancel(id: string, now: number): Promise<
+    { outcome: "cancelled" | "requested" | "unchanged" | "missing"; name?: string; state?: string }
+  > {
+    const [cancelled, requested, found] = await this.run([
+      { sql: sql.cancelNow, args: [now, id] },
+      { sql: sql.requestCancel, args: [now, id] },
+      { sql: sql.taskState, args: [id] },
+    ]);
+    const row = found.rows[0];
+    if (row === undefined) return { outcome: "missing" };
+    const name = row.name as string;
+    const state = row.state as string;
+    if (cancelled.rows.length > 0) return { outcome: "cancelled", name, state };
+    if (requested.rows.length > 0) return { outcome: "requested", name, state };
+    return { outcome: "unchanged", name, state };
+  }
+
+  /**
+   * Moves a failed or cancelled row back to pending. When nothing moved, returns the row's
+   * state, and the id of the live row that holds its key if there is one.
+   */
+  async retry(id: string, now: number): Promise<
+    { retried: true; name: string } | {
+      retried: false;
+      state: string | undefined;
+      keyHolder: string | undefined;
+    }
+  > {
+    const [retried, found] = await this.run([
+      { sql: sql.retryTask, args: [now, id] },
+      { sql: sql.taskState, args: [id] },
+    ]);
+    if (retried.rows.length > 0) return { retried: true, name: retried.rows[0].name as string };
+    const row = found.rows[0];
+    let keyHolder: string | undefined;
+    const ended = row?.state === "failed" || row?.state === "cancelled";
+    if (ended && row.key !== null) {
+      const live = await this.execute({ sql: sql.liveKeyed, args: [row.name, row.key] });
+      keyHolder = live.rows[0]?.id as string | undefined;
+    }
+    return { retried: false, state: row?.state as string | undefined, keyHolder };
+  }
+
+  /**
+   * Moves every failed row, or those of one task, back to pending. Returns how many moved and
+   * how many stayed failed because a live row holds their key.
+   */
+  async retryFailed(
+    name: string | undefined,
+    now: number,
+  ): Promise<{ retried: number; skipped: number }> {
+    const statements: InStatement[] = name === undefined
+      ? [{ sql: sql.retryFailed, args: [now] }, sql.changes, sql.countFailed]
+      : [{ sql: sql.retryFailedByName, args: [now, name] }, sql.changes];
+    if (name !== undefined) statements.push({ sql: sql.countFailedByName, args: [name] });
+    const [, changes, left] = await this.run(statements);
+    return { retried: changes.rows[0].count as number, skipped: left.rows[0].count as number };
+  }
+
+  /**
+   * Deletes rows in `state` that finished at or before `before`, of one task or of all, in
+   * chunks of `chunkSize` rows. Returns the number deleted.
+   */
+  async deleteFinished(
+    name: string | undefined,
+    state: string,
+    before: number,
+    chunkSize = 1_000,
+  ): Promise<number> {
+    let deleted = 0;
+    for (;;) {
+      const result = await this.execute(
+        name === undefined
+          ? { sql: sql.deleteFinishedOfAllNames, args: [state, before, chunkSize] }
+          : { sql: sql.deleteFinished, args: [name, state, before, chunkSize] },
+      );
+      deleted += result.rowsAffected;
+      if (result.rowsAffected < chunkSize) return deleted;
+    }
+  }
+
+  async stats(now: number): Promise<Row[]> {
+    const result = await this.execute({ sql: sql.stats, args: [now] });
+    return result.rows;
+  }
+
+  async listTasks(
+    state: string | undefined,
+    name: string | undefined,
+    limit: number,
+  ): Promise<Row[]> {
+    const result = await this.execute({
+      sql: sql.listTasks,
+      args: [state ?? null, name ?? null, limit],
+    });
+    return result.rows;
+  }
+
+  /**
    * Reads the connection's `data_version` and whether `synchronous = NORMAL` is set, and sets
    * it again when a new pooled connection lacks it.
    */
@@ -1772,6 +2144,9 @@ class SqliteStorage {
           await transaction.execute(`ALTER TABLE tasks ADD COLUMN ${column} ${type}`);
         }
       }
+      if (present.size > 0 && !present.has("finished_at")) {
+        await transaction.execute(sql.backfillFinishedAt);
+      }
       if (upgradingPlainweb) {
         // plainweb retried a row after its last failure; its failure count is the attempts made.
         await transaction.execute(
@@ -1782,6 +2157,7 @@ class SqliteStorage {
       await transaction.execute(sql.createKeyIndex);
       await transaction.execute(sql.createScheduleIndex);
       await transaction.execute(sql.createSchedules);
+      await transaction.execute(sql.createFinishedIndex);
 
       const version = await transaction.execute(sql.userVersion);
       // NOTE: user_version is shared with the application. tasklite only raises it, so an
@@ -1868,6 +2244,11 @@ class TaskDatabase implements Database {
 
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /** Whether `ready()` has created or checked the schema. */
+  get migrated(): boolean {
+    return this.#isReady;
   }
 
   ready(): Promise<void> {
@@ -2380,6 +2761,8 @@ interface TaskInternals {
   backoff: number | BackoffFunction | undefined;
   timeout: number;
   lease: number;
+  keepCompleted: number;
+  keepFailed: number;
   process: TaskDefinition<unknown>["process"];
   success: TaskDefinition<unknown>["success"];
   failed: TaskDefinition<unknown>["failed"];
@@ -2422,6 +2805,8 @@ const taskDefinitionSchema = v.strictObject({
   ),
   timeout: v.optional(durationSchema(1), 300_000),
   lease: v.optional(durationSchema(100, 86_400_000), 30_000),
+  keepCompleted: v.optional(durationSchema(), 0),
+  keepFailed: v.optional(durationSchema(), 30 * 86_400_000),
   process: v.custom<TaskDefinition<unknown>["process"]>(
     (value) => typeof value === "function",
     "a function",
@@ -2562,6 +2947,8 @@ export function defineDatabaseTask<T>(
     backoff: parsed.backoff as number | BackoffFunction | undefined,
     timeout: parsed.timeout,
     lease: parsed.lease,
+    keepCompleted: parsed.keepCompleted,
+    keepFailed: parsed.keepFailed,
     process: parsed.process as TaskDefinition<unknown>["process"],
     success: parsed.success as TaskDefinition<unknown>["success"],
     failed: parsed.failed as TaskDefinition<unknown>["failed"],
@@ -2604,9 +2991,27 @@ const performOptionsSchema = v.strictObject({
     ),
   ),
   priority: v.optional(integerSchema(-1_000_000, 1_000_000), 0),
+  key: v.optional(
+    v.pipe(
+      v.string("a string of 1 to 1000 characters"),
+      v.minLength(1, "a string of 1 to 1000 characters"),
+      v.maxLength(1_000, "a string of 1 to 1000 characters"),
+    ),
+  ),
+  onConflict: v.optional(v.picklist(["ignore", "replace"], '"ignore" or "replace"')),
+  transaction: v.optional(
+    v.custom<Transaction>(isTransaction, "an open @libsql/client Transaction"),
+  ),
 });
 
 type ParsedPerformOptions = v.InferOutput<typeof performOptionsSchema>;
+
+function isTransaction(value: unknown): value is Transaction {
+  return typeof value === "object" && value !== null &&
+    ["execute", "batch", "commit", "rollback", "close"].every((method) =>
+      typeof (value as Record<string, unknown>)[method] === "function"
+    );
+}
 
 function parsePerformOptions(options: PerformOptions | undefined): ParsedPerformOptions {
   const parsed = parseOptions(performOptionsSchema, options ?? {}, "perform()");
@@ -2615,6 +3020,18 @@ function parsePerformOptions(options: PerformOptions | undefined): ParsedPerform
       `Invalid perform() options: pass either "delay" or "runAt", not both (received delay ${
         describeValue(options?.delay)
       } and runAt ${describeValue(options?.runAt)})`,
+    );
+  }
+  if (parsed.onConflict !== undefined && parsed.key === undefined) {
+    throw new TypeError(
+      `Invalid perform() option "onConflict": it applies to a task with a "key", and no key ` +
+        `was passed (received onConflict ${describeValue(parsed.onConflict)})`,
+    );
+  }
+  if (parsed.transaction?.closed) {
+    throw new TypeError(
+      'Invalid perform() option "transaction": the transaction is already committed, rolled ' +
+        "back or closed; pass an open one",
     );
   }
   return parsed;
@@ -2670,10 +3087,12 @@ function createTaskId(now: number): string {
  *   objects, `NaN`, `BigInt`, functions, `Date`s, class instances and circular structures are
  *   rejected. `undefined` as the whole value is allowed.
  * @param options See {@linkcode PerformOptions}.
- * @returns The id of the new task, a time-ordered UUID.
+ * @returns The id of the new task, a time-ordered UUID. With a `key` that a live task already
+ *   has, the id of that task. {@linkcode performDetailed} also returns which case happened.
  * @throws {TaskDataError} When the data fails the task's schema. Nothing is written.
  * @throws {TypeError} When the data is not JSON-serialisable or an option is invalid.
- * @throws {Error} When the database write fails.
+ * @throws {Error} When the database write fails, or when `transaction` is given and the
+ *   schema is not in place yet.
  *
  * @example Enqueue now and later
  * ```ts
@@ -2682,6 +3101,25 @@ function createTaskId(now: number): string {
  *
  * const id = await perform(doubleOptIn, { email: "ada@example.com" });
  * await perform(doubleOptIn, { email: "alan@example.com" }, { delay: "10m", priority: 5 });
+ * ```
+ *
+ * @example Enqueue in the same transaction as the application's write
+ * ```ts
+ * import { perform } from "tasklite";
+ * import doubleOptIn, { database } from "./tasks/double-opt-in.ts";
+ *
+ * await database.ready();
+ * const transaction = await database.client.transaction("write");
+ * try {
+ *   await transaction.execute({
+ *     sql: "INSERT INTO contacts (email) VALUES (?)",
+ *     args: ["ada@example.com"],
+ *   });
+ *   await perform(doubleOptIn, { email: "ada@example.com" }, { transaction });
+ *   await transaction.commit();
+ * } finally {
+ *   transaction.close();
+ * }
  * ```
  */
 export async function perform<T>(
@@ -2692,20 +3130,150 @@ export async function perform<T>(
   const internals = toTaskInternals(task, "perform()");
   const parsed = parsePerformOptions(options);
   if (internals.schema !== undefined) await validateData(internals, data, "data");
-  const json = serializeData(data, internals.name);
+  const row = buildRow(internals, data, parsed);
 
-  const database = internals.database;
-  const now = database.now();
-  const id = createTaskId(now);
-  await database.insert({
-    id,
+  if (parsed.key !== undefined || parsed.transaction !== undefined) {
+    const result = await insertWithOptions(internals.database, row, parsed);
+    return result.id;
+  }
+  await internals.database.insert(row);
+  return row.id;
+}
+
+/**
+ * Enqueues one run of a task, as {@linkcode perform} does, and resolves to its id and whether
+ * a new task was created. Use it with a deduplication `key` to learn whether the run was a
+ * duplicate.
+ *
+ * @param task A task from {@linkcode defineDatabaseTask}.
+ * @param data The task's data, with the same rules as for {@linkcode perform}.
+ * @param options See {@linkcode PerformOptions}.
+ * @returns The task's id and `status`: `"created"`, `"duplicate"` or `"replaced"`.
+ * @throws {TaskDataError} When the data fails the task's schema. Nothing is written.
+ * @throws {TypeError} When the data is not JSON-serialisable or an option is invalid.
+ * @throws {Error} When the database write fails.
+ *
+ * @example Enqueue a report once per day
+ * ```ts
+ * import { performDetailed } from "tasklite";
+ * import dailyReport from "./tasks/daily-report.ts";
+ *
+ * const { id, status } = await performDetailed(dailyReport, { day: "2025-03-01" }, {
+ *   key: "2025-03-01",
+ * });
+ * if (status === "duplicate") console.log(`Task ${id} already covers this day`);
+ * ```
+ */
+export async function performDetailed<T>(
+  task: Task<T>,
+  data: NoInfer<T>,
+  options?: PerformOptions,
+): Promise<PerformResult> {
+  const internals = toTaskInternals(task, "performDetailed()");
+  const parsed = parsePerformOptions(options);
+  if (internals.schema !== undefined) await validateData(internals, data, "data");
+  const row = buildRow(internals, data, parsed);
+
+  if (parsed.key !== undefined || parsed.transaction !== undefined) {
+    return await insertWithOptions(internals.database, row, parsed);
+  }
+  await internals.database.insert(row);
+  return { id: row.id, status: "created" };
+}
+
+/**
+ * Serialises the data and builds the row that `perform` inserts. Synchronous, so that the
+ * performs of one tick still reach the insert queue in the same tick.
+ */
+function buildRow(
+  internals: TaskInternals,
+  data: unknown,
+  options: ParsedPerformOptions,
+): NewTaskRow {
+  const json = serializeData(data, internals.name);
+  const now = internals.database.now();
+  return {
+    id: createTaskId(now),
     name: internals.name,
     data: json,
     created: now,
-    runAt: runAtOf(parsed, now),
-    priority: parsed.priority,
-  });
-  return id;
+    runAt: runAtOf(options, now),
+    priority: options.priority,
+  };
+}
+
+/**
+ * Inserts a row with a deduplication key, inside a transaction, or both, and wakes runners
+ * once the row is committed.
+ */
+async function insertWithOptions(
+  database: TaskDatabase,
+  row: NewTaskRow,
+  options: ParsedPerformOptions,
+): Promise<PerformResult> {
+  const { key, transaction } = options;
+  if (transaction === undefined) await database.ready();
+  else await checkSchemaIn(database, transaction);
+  if (database.closed) throw closedError();
+
+  let result: PerformResult;
+  if (key === undefined) {
+    await database.storage.insert([row], transaction);
+    result = { id: row.id, status: "created" };
+  } else {
+    const replace = options.onConflict === "replace";
+    result = await database.storage.insertKeyed(row, key, replace, transaction);
+  }
+  if (result.status !== "duplicate") notifyOnCommit(database, transaction, [row]);
+  return result;
+}
+
+/**
+ * Checks that the schema is in place before inserting through a transaction. `ready()` cannot
+ * create it there: its statements would wait for the transaction, which waits for `perform`.
+ *
+ * @throws {Error} When the `tasks` table is missing or lacks columns.
+ */
+async function checkSchemaIn(database: TaskDatabase, transaction: Transaction): Promise<void> {
+  if (database.migrated) return;
+  if (await database.storage.hasCurrentSchema(transaction)) return;
+  throw new Error(
+    "Cannot enqueue inside the transaction: the tasks table is not set up yet, and tasklite " +
+      "cannot create it while the transaction holds the connection. Call " +
+      "`await database.ready()` before opening the transaction.",
+  );
+}
+
+/** Callbacks to run after a transaction commits, by transaction. */
+const commitCallbacks = new WeakMap<Transaction, Array<() => void>>();
+
+/**
+ * Wakes this process's runners for `rows`: at once without a transaction, and after the
+ * commit with one. A rolled-back transaction wakes nothing.
+ */
+function notifyOnCommit(
+  database: TaskDatabase,
+  transaction: Transaction | undefined,
+  rows: ReadonlyArray<{ name: string; runAt: number }>,
+): void {
+  if (transaction === undefined) {
+    database.notify(rows);
+    return;
+  }
+  let callbacks = commitCallbacks.get(transaction);
+  if (callbacks === undefined) {
+    const pending: Array<() => void> = [];
+    callbacks = pending;
+    commitCallbacks.set(transaction, pending);
+    // NOTE: libSQL transactions have no commit event, so this wraps the commit() of this one
+    // transaction object. A runner in another process detects the commit through data_version.
+    const commit = transaction.commit;
+    transaction.commit = async function (this: Transaction) {
+      await commit.call(this);
+      for (const callback of pending.splice(0)) callback();
+    };
+  }
+  callbacks.push(() => database.notify(rows));
 }
 
 /**
@@ -2714,7 +3282,9 @@ export async function perform<T>(
  *
  * @param task A task from {@linkcode defineDatabaseTask}.
  * @param items The data of each run.
- * @param options Options that apply to every run. See {@linkcode PerformOptions}.
+ * @param options Options that apply to every run. See {@linkcode PerformOptions}; `key` and
+ *   `onConflict` are not accepted, because a key belongs to one run. With `transaction`, the
+ *   rows are inserted inside it.
  * @returns The ids of the new tasks.
  * @throws {TaskDataError} When an item fails the task's schema; the message names its index.
  * @throws {TypeError} When an item is not JSON-serialisable or an option is invalid.
@@ -2742,6 +3312,13 @@ export async function performMany<T>(
     );
   }
   const parsed = parsePerformOptions(options);
+  if (parsed.key !== undefined) {
+    throw new TypeError(
+      `Invalid performMany() option "key": a key belongs to one run, so pass it to perform() ` +
+        `for each run (received key ${describeValue(parsed.key)})`,
+    );
+  }
+  const transaction = parsed.transaction;
 
   const serialized: Array<string | null> = [];
   for (let index = 0; index < items.length; index++) {
@@ -2758,7 +3335,8 @@ export async function performMany<T>(
   if (items.length === 0) return [];
 
   const database = internals.database;
-  await database.ready();
+  if (transaction === undefined) await database.ready();
+  else await checkSchemaIn(database, transaction);
   const now = database.now();
   const runAt = runAtOf(parsed, now);
   const rows = serialized.map((data): NewTaskRow => ({
@@ -2770,8 +3348,8 @@ export async function performMany<T>(
     priority: parsed.priority,
   }));
   if (database.closed) throw closedError();
-  await database.storage.insert(rows);
-  database.notify([{ name: internals.name, runAt }]);
+  await database.storage.insert(rows, transaction);
+  notifyOnCommit(database, transaction, [{ name: internals.name, runAt }]);
   return rows.map((row) => row.id);
 }
 
@@ -2821,6 +3399,10 @@ class Attempt {
   controller: AbortController | undefined;
   data: unknown;
   settled = false;
+  /** Real time, unaffected by the database clock, for the `duration` of events. */
+  readonly startedTime = performance.now();
+  /** Milliseconds from the claim to the end of the attempt, set when it ends. */
+  duration = 0;
 
   constructor(row: ClaimedRow, token: string, startedAt: number, deadline: number) {
     this.row = row;
@@ -2847,6 +3429,8 @@ interface SettlementEntry {
   settlement: Settlement | undefined;
   after?: AfterSettle;
   attempt: Attempt;
+  /** The error of a failed attempt, for its event. */
+  error?: Error;
 }
 
 /** A hook call to make after a settlement was committed. */
@@ -2869,9 +3453,11 @@ class TaskRunner {
   readonly #log: Logger;
   readonly #debug: boolean;
   readonly #worker: string;
+  readonly #events: EventBus | undefined;
   #claimCount = 0;
 
-  #state: "running" | "stopping" | "stopped" = "running";
+  /** `draining`: `runDue` claims rows itself, so the pump only writes results. */
+  #state: "running" | "draining" | "stopping" | "stopped" = "running";
   readonly #inFlight = new Map<string, Attempt>();
   /** Attempts in start order, which is also deadline order because the timeout is fixed. */
   #deadlines: Attempt[] = [];
@@ -2903,13 +3489,14 @@ class TaskRunner {
   /** Resolves when the runner has stopped, through `stop()` or a closed database. */
   readonly stopped: Promise<void> = new Promise((resolve) => (this.#resolveStopped = resolve));
 
-  constructor(task: TaskInternals, log: Logger, debug: boolean) {
+  constructor(task: TaskInternals, log: Logger, debug: boolean, events?: EventBus) {
     this.name = task.name;
     this.database = task.database;
     this.#task = task;
     this.#log = log;
     this.#debug = debug;
     this.#worker = `${workerId}-${++workerCounter}`;
+    this.#events = events;
   }
 
   start(): void {
@@ -3076,6 +3663,7 @@ class TaskRunner {
     }
     // The rescue and the pump can both fail at once: keep one retry.
     clearTimeout(this.#retryTimer);
+    this.#emitError(toError(error));
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = undefined;
       this.#maybeDue = true;
@@ -3098,6 +3686,7 @@ class TaskRunner {
         { task: this.name, id: row.id, attempt: row.attempts },
       );
     }
+    this.#events?.emit({ type: "claimed", task: this.name, id: row.id, attempt: row.attempts });
 
     const decoded = this.#decode(attempt);
     if (decoded instanceof Promise) {
@@ -3180,8 +3769,11 @@ class TaskRunner {
 
   #succeed(attempt: Attempt): void {
     if (!this.#finish(attempt)) return;
+    const { id } = attempt.row;
     this.#settlements.push({
-      settlement: { kind: "complete", id: attempt.row.id, token: attempt.token },
+      settlement: this.#task.keepCompleted > 0
+        ? { kind: "keep", id, token: attempt.token, now: this.database.now() }
+        : { kind: "complete", id, token: attempt.token },
       after: { kind: "success", attempt },
       attempt,
     });
@@ -3216,6 +3808,7 @@ class TaskRunner {
           error: text,
         },
         attempt,
+        error,
       });
       this.#log.warn(
         `Task "${this.name}" ${attempt.row.id}: attempt ${number} of ${this.#task.maxAttempts} failed, retrying in ${
@@ -3228,6 +3821,7 @@ class TaskRunner {
         settlement: { kind: "fail", id: attempt.row.id, token: attempt.token, now, error: text },
         after: { kind: "failed", attempt, error },
         attempt,
+        error,
       });
       this.#log.error(
         `Task "${this.name}" ${attempt.row.id}: attempt ${number} of ${this.#task.maxAttempts} failed, no attempts left: ${
@@ -3251,6 +3845,7 @@ class TaskRunner {
         error: describeError(error),
       },
       attempt,
+      error,
     });
     this.#log.error(
       `Task "${this.name}" ${attempt.row.id}: failed without retry: ${logText(error)}`,
@@ -3281,6 +3876,7 @@ class TaskRunner {
   #finish(attempt: Attempt): boolean {
     if (attempt.settled) return false;
     attempt.settled = true;
+    attempt.duration = performance.now() - attempt.startedTime;
     this.#inFlight.delete(attempt.row.id);
     this.#trimDeadlines();
     if (this.#inFlight.size === 0) {
@@ -3318,10 +3914,12 @@ class TaskRunner {
             `that holds it now decides the outcome`,
           { task: this.name, id, attempt: attempt.row.attempts },
         );
+        this.#emitLeaseLost(attempt);
         continue;
       }
       // A retried task is due again at its backoff: wake up for it without waiting for a poll.
       if (entry.settlement?.kind === "retry") this.#wakeAtTime(entry.settlement.runAt);
+      if (entry.settlement !== undefined) this.#emitSettled(entry.settlement, attempt, entry.error);
       if (this.#debug && entry.settlement?.kind === "complete") {
         this.#log.debug(
           `Task "${this.name}" ${id}: attempt ${attempt.row.attempts} succeeded in ${
@@ -3358,6 +3956,7 @@ class TaskRunner {
           }`,
           { task: this.name, id: attempt.row.id, error: toError(error) },
         );
+        this.#emitError(toError(error), attempt);
       }
     })();
     this.#hooks.add(promise);
@@ -3437,7 +4036,7 @@ class TaskRunner {
     }
     if (this.database.closed) return;
     for (const [token, { running: attempts, ids }] of byToken) {
-      let held: Set<string>;
+      let held: Map<string, boolean>;
       try {
         held = await this.database.storage.renew(
           token,
@@ -3459,6 +4058,7 @@ class TaskRunner {
       }
       this.#renewErrors.reset();
       for (const attempt of attempts) {
+        if (held.get(attempt.row.id) === true) this.cancelAttempt(attempt.row.id);
         if (attempt.settled || held.has(attempt.row.id)) continue;
         this.#loseLease(attempt);
       }
@@ -3481,6 +4081,7 @@ class TaskRunner {
         `been paused or its event loop blocked for longer than the lease); the attempt was aborted`,
       { task: this.name, id: attempt.row.id, attempt: attempt.row.attempts },
     );
+    this.#emitLeaseLost(attempt);
     this.#schedulePump();
   }
 
@@ -3507,6 +4108,11 @@ class TaskRunner {
           fields,
         );
         this.#maybeDue = true;
+      } else if (row.state === "cancelled") {
+        this.#log.info(
+          `Task "${this.name}" ${row.id}: lease expired during attempt ${row.attempts} after a cancel; the task is cancelled`,
+          fields,
+        );
       } else {
         this.#log.error(
           `Task "${this.name}" ${row.id}: lease expired during attempt ${row.attempts} of ${this.#task.maxAttempts}; no attempts left, the task failed`,
@@ -3514,6 +4120,7 @@ class TaskRunner {
         );
         void this.#runRescuedFailedHook(row);
       }
+      this.#emitRescued(row);
     }
     if (rescued.length > 0) this.#schedulePump();
   }
@@ -3710,6 +4317,394 @@ class TaskRunner {
     this.#deadlineTimer = undefined;
     this.database.unregister(this);
     this.#resolveStopped();
+  }
+
+  /** Emits the event of a row that the rescue moved. The lost attempt's duration is unknown. */
+  #emitRescued(row: RescuedRow): void {
+    if (!this.#events?.listening) return;
+    const base = { task: this.name, id: row.id, attempt: row.attempts, duration: undefined };
+    if (row.state === "cancelled") {
+      this.#events.emit({ type: "cancelled", ...base });
+      return;
+    }
+    const error = new Error(
+      "The worker stopped responding: its lease expired before the attempt ended",
+    );
+    if (row.state === "failed") this.#events.emit({ type: "failed", ...base, error });
+    else this.#events.emit({ type: "retried", ...base, error, runAt: this.database.now() });
+  }
+
+  /** Emits the event of a result that was just recorded. */
+  #emitSettled(settlement: Settlement, attempt: Attempt, error: Error | undefined): void {
+    if (!this.#events?.listening) return;
+    const base = {
+      task: this.name,
+      id: attempt.row.id,
+      attempt: attempt.row.attempts,
+      duration: attempt.duration,
+    };
+    switch (settlement.kind) {
+      case "complete":
+      case "keep":
+        this.#events.emit({ type: "succeeded", ...base });
+        break;
+      case "cancel":
+        this.#events.emit({ type: "cancelled", ...base });
+        break;
+      case "retry":
+        this.#events.emit({
+          type: "retried",
+          ...base,
+          error: error ?? new Error(settlement.error),
+          runAt: settlement.runAt,
+        });
+        break;
+      case "fail":
+        this.#events.emit({ type: "failed", ...base, error: error ?? new Error(settlement.error) });
+        break;
+    }
+  }
+
+  #emitLeaseLost(attempt: Attempt): void {
+    this.#events?.emit({
+      type: "lease-lost",
+      task: this.name,
+      id: attempt.row.id,
+      attempt: attempt.row.attempts,
+      duration: attempt.duration,
+    });
+  }
+
+  #emitError(error: Error, attempt?: Attempt): void {
+    this.#events?.emit({
+      type: "error",
+      task: this.name,
+      id: attempt?.row.id,
+      attempt: attempt?.row.attempts,
+      error,
+    });
+  }
+
+  /**
+   * Aborts this runner's attempt of task `id`, if it runs one, and records the task as
+   * `cancelled`. Returns whether it ran the attempt.
+   */
+  cancelAttempt(id: string): boolean {
+    const attempt = this.#inFlight.get(id);
+    if (attempt === undefined || !this.#finish(attempt)) return false;
+    attempt.abort(new DOMException(`Task "${this.name}" ${id} was cancelled`, "AbortError"));
+    this.#settlements.push({
+      settlement: { kind: "cancel", id, token: attempt.token, now: this.database.now() },
+      attempt,
+    });
+    this.#log.info(
+      `Task "${this.name}" ${id}: cancelled during attempt ${attempt.row.attempts}; the attempt was aborted`,
+      { task: this.name, id, attempt: attempt.row.attempts },
+    );
+    this.#schedulePump();
+    return true;
+  }
+
+  /**
+   * Claims up to `batchSize` rows due at `dueAt`, runs them, and resolves to the number claimed
+   * once every result is recorded and every hook has run. For `drain()`, on a runner that was
+   * never started: it sets no poll timer and leaves no timer behind.
+   */
+  async runDue(dueAt: number): Promise<number> {
+    // The pump now only writes results, so every claim happens here.
+    this.#state = "draining";
+    const now = this.database.now();
+    const token = `${this.#worker}-${++this.#claimCount}`;
+    const rows = await this.database.storage.claim(
+      this.name,
+      this.#task.batchSize,
+      dueAt,
+      now + this.#task.lease,
+      token,
+    );
+    for (const row of rows) this.#startAttempt(row, token);
+
+    await this.#waitIdle(Infinity);
+    while (this.#pumping) await sleep(1);
+    if (this.#settlements.length > 0) await this.#flush();
+    await Promise.all(this.#hooks);
+
+    clearInterval(this.#heartbeatTimer);
+    clearTimeout(this.#deadlineTimer);
+    this.#heartbeatTimer = undefined;
+    this.#deadlineTimer = undefined;
+    this.#deadlines = [];
+    return rows.length;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events and retention cleanup, beside the runners
+// ---------------------------------------------------------------------------------------------
+
+/** The fields that every event of one task's attempt has. */
+export interface TaskEventBase {
+  /** The task's name. */
+  readonly task: string;
+  /** The task's id. */
+  readonly id: string;
+  /** The number of the attempt, starting at 1. */
+  readonly attempt: number;
+}
+
+/** A runner claimed a due task and starts an attempt. */
+export interface ClaimedEvent extends TaskEventBase {
+  /** The event type. */
+  readonly type: "claimed";
+}
+
+/** An attempt succeeded and the result was recorded. */
+export interface SucceededEvent extends TaskEventBase {
+  /** The event type. */
+  readonly type: "succeeded";
+  /** Milliseconds from the claim to the end of the attempt. */
+  readonly duration: number;
+}
+
+/**
+ * A task failed for good and its row became `failed`: its last attempt failed, its stored
+ * data could not be decoded, or its lease expired with no attempts left.
+ */
+export interface FailedEvent extends TaskEventBase {
+  /** The event type. */
+  readonly type: "failed";
+  /**
+   * Milliseconds from the claim to the end of the attempt, or `undefined` when this runner
+   * found the expired lease of an attempt that ran elsewhere.
+   */
+  readonly duration: number | undefined;
+  /** The error of the last attempt. */
+  readonly error: Error;
+}
+
+/** An attempt failed, or its lease expired, and the task is due again at `runAt`. */
+export interface RetriedEvent extends TaskEventBase {
+  /** The event type. */
+  readonly type: "retried";
+  /**
+   * Milliseconds from the claim to the end of the attempt, or `undefined` when this runner
+   * found the expired lease of an attempt that ran elsewhere.
+   */
+  readonly duration: number | undefined;
+  /** The error of the attempt. */
+  readonly error: Error;
+  /** When the next attempt is due, in milliseconds since the epoch. */
+  readonly runAt: number;
+}
+
+/** A running task was cancelled with {@linkcode cancel} and its row became `cancelled`. */
+export interface CancelledEvent extends TaskEventBase {
+  /** The event type. */
+  readonly type: "cancelled";
+  /**
+   * Milliseconds from the claim to the abort, or `undefined` when this runner found the
+   * expired lease of an attempt that ran elsewhere.
+   */
+  readonly duration: number | undefined;
+}
+
+/**
+ * This runner lost the lease of a running attempt, so another runner may run the task. The
+ * attempt was aborted, or its result was not recorded.
+ */
+export interface LeaseLostEvent extends TaskEventBase {
+  /** The event type. */
+  readonly type: "lease-lost";
+  /** Milliseconds from the claim until the runner found the lease gone. */
+  readonly duration: number;
+}
+
+/** The runner caught an error: a database error, or an error thrown by a hook. */
+export interface ErrorEvent {
+  /** The event type. */
+  readonly type: "error";
+  /** The name of the task whose runner caught the error. */
+  readonly task: string;
+  /** The task's id, when the error belongs to one task. */
+  readonly id: string | undefined;
+  /** The attempt's number, when the error belongs to one attempt. */
+  readonly attempt: number | undefined;
+  /** The error. */
+  readonly error: Error;
+}
+
+/** A lifecycle event of a runner. Switch on `type` to narrow it. */
+export type TaskEvent =
+  | ClaimedEvent
+  | SucceededEvent
+  | FailedEvent
+  | RetriedEvent
+  | CancelledEvent
+  | LeaseLostEvent
+  | ErrorEvent;
+
+const taskEventTypes: ReadonlyArray<TaskEvent["type"]> = [
+  "claimed",
+  "succeeded",
+  "failed",
+  "retried",
+  "cancelled",
+  "lease-lost",
+  "error",
+];
+
+type EventListener = (event: TaskEvent) => void;
+
+/** Delivers runner events to listeners, and logs what a listener throws. */
+class EventBus {
+  readonly #log: Logger;
+  readonly #byType = new Map<TaskEvent["type"], Set<EventListener>>();
+  readonly #all = new Set<EventListener>();
+  #count = 0;
+
+  constructor(log: Logger) {
+    this.#log = log;
+  }
+
+  /** Whether any listener is registered, so callers can skip building an event. */
+  get listening(): boolean {
+    return this.#count > 0;
+  }
+
+  /** Adds a listener for one type of event and returns a function that removes it. */
+  on(type: TaskEvent["type"], listener: EventListener): () => void {
+    if (!taskEventTypes.includes(type)) {
+      throw new TypeError(
+        `Invalid event type ${describeValue(type)}: expected one of ${
+          taskEventTypes.map((name) => JSON.stringify(name)).join(", ")
+        }`,
+      );
+    }
+    if (typeof listener !== "function") {
+      throw new TypeError(
+        `Invalid listener for the "${type}" event: expected a function, received ${
+          describeValue(listener)
+        }`,
+      );
+    }
+    const listeners = this.#byType.get(type) ?? new Set();
+    this.#byType.set(type, listeners);
+    return this.#add(listeners, listener);
+  }
+
+  /** Adds a listener for every event and returns a function that removes it. */
+  onEvery(listener: EventListener): () => void {
+    return this.#add(this.#all, listener);
+  }
+
+  #add(listeners: Set<EventListener>, listener: EventListener): () => void {
+    // A wrapper per call, so that one function added twice runs twice and needs two removals.
+    const entry: EventListener = (event) => listener(event);
+    listeners.add(entry);
+    this.#count++;
+    return () => {
+      if (listeners.delete(entry)) this.#count--;
+    };
+  }
+
+  emit(event: TaskEvent): void {
+    if (this.#count === 0) return;
+    for (const listener of this.#byType.get(event.type) ?? []) this.#call(listener, event);
+    for (const listener of this.#all) this.#call(listener, event);
+  }
+
+  #call(listener: EventListener, event: TaskEvent): void {
+    try {
+      const result: unknown = listener(event);
+      if (result instanceof Promise) result.catch((error) => this.#report(error, event));
+    } catch (error) {
+      this.#report(error, event);
+    }
+  }
+
+  #report(thrown: unknown, event: TaskEvent): void {
+    const error = toError(thrown);
+    this.#log.error(
+      `Task "${event.task}"${event.id ? ` ${event.id}` : ""}: a listener of the "${event.type}" ` +
+        `event threw: ${error.message}`,
+      { task: event.task, id: event.id, event: event.type, error },
+    );
+  }
+}
+
+/**
+ * Deletes the rows of one task whose retention ran out: `completed` rows after the task's
+ * `keepCompleted`, and `failed` and `cancelled` rows after its `keepFailed`, each counted from
+ * `finished_at`. `runTasks` starts one beside each task's runner.
+ */
+class CleanupService {
+  readonly #task: TaskInternals;
+  readonly #log: Logger;
+  readonly #debug: boolean;
+  readonly #events: EventBus;
+  #timer: ReturnType<typeof setInterval> | undefined;
+  #interval = 0;
+  #running: Promise<number> | undefined;
+
+  constructor(task: TaskInternals, log: Logger, debug: boolean, events: EventBus) {
+    this.#task = task;
+    this.#log = log;
+    this.#debug = debug;
+    this.#events = events;
+  }
+
+  /**
+   * Deletes every row whose retention ran out at `now` (by default the database clock's time)
+   * and returns how many it deleted.
+   */
+  async runOnce(now = this.#task.database.now()): Promise<number> {
+    const { name, database, keepCompleted, keepFailed } = this.#task;
+    const storage = database.storage;
+    let deleted = await storage.deleteFinished(name, "completed", now - keepCompleted);
+    deleted += await storage.deleteFinished(name, "failed", now - keepFailed);
+    deleted += await storage.deleteFinished(name, "cancelled", now - keepFailed);
+    if (this.#debug && deleted > 0) {
+      this.#log.debug(
+        `Task "${name}": cleanup deleted ${countOf(deleted, "finished row")}`,
+        { task: name, deleted },
+      );
+    }
+    return deleted;
+  }
+
+  /** Runs the cleanup now and then every `interval` ms, until `stop()`. */
+  start(interval: number): void {
+    this.#interval = interval;
+    void this.#tick();
+    this.#timer = setInterval(() => void this.#tick(), interval);
+    unrefTimer(this.#timer);
+  }
+
+  /** Stops the timer and waits for a cleanup in progress. */
+  async stop(): Promise<void> {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
+    await this.#running?.catch(() => {});
+  }
+
+  async #tick(): Promise<void> {
+    const { name, database } = this.#task;
+    if (this.#running !== undefined || database.closed) return;
+    this.#running = this.runOnce();
+    try {
+      await this.#running;
+    } catch (thrown) {
+      const error = toError(thrown);
+      this.#log.error(
+        `Task "${name}": retention cleanup failed, trying again in ${
+          formatDuration(this.#interval)
+        }: ${error.message}`,
+        { task: name, error },
+      );
+      this.#events.emit({ type: "error", task: name, id: undefined, attempt: undefined, error });
+    } finally {
+      this.#running = undefined;
+    }
   }
 }
 
@@ -4607,6 +5602,10 @@ const runTasksOptionsSchema = v.strictObject({
   signal: v.optional(v.instance(AbortSignal, "an AbortSignal")),
   handleSignals: v.optional(v.boolean("true or false"), false),
   stopTimeout: v.optional(durationSchema(0, Infinity), 30_000),
+  onEvent: v.optional(
+    v.custom<(event: TaskEvent) => void>((value) => typeof value === "function", "a function"),
+  ),
+  cleanupInterval: v.optional(durationSchema(10, 86_400_000), 60_000),
 });
 
 const stopOptionsSchema = v.strictObject({
@@ -4617,8 +5616,10 @@ const stopOptionsSchema = v.strictObject({
 const unknownNamesInterval = 60_000;
 
 /**
- * Loads tasks and starts one runner for each, and a scheduler that enqueues the stored
- * schedules of these tasks (see {@linkcode schedule}). A task's `cron` option is stored first.
+ * Loads tasks and starts one runner for each, with a retention cleanup beside it, and a
+ * scheduler that enqueues the stored schedules of these tasks (see {@linkcode schedule}). A
+ * task's `cron` option is stored first. The returned {@linkcode Runner} emits lifecycle events
+ * through `on()` and the `onEvent` option.
  *
  * @param tasks A directory of task modules, or an array of tasks. A directory is read without
  *   recursion: every `.ts`, `.mts`, `.js` and `.mjs` file except `*.test.*`, `*.spec.*`,
@@ -4636,6 +5637,16 @@ const unknownNamesInterval = 60_000;
  * import { runTasks } from "tasklite";
  *
  * await runTasks("app/tasks", { debug: true, handleSignals: true });
+ * ```
+ *
+ * @example Count failures
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("failed", ({ task, id, attempt, error }) => {
+ *   console.error(`${task} ${id} failed after ${attempt} attempts: ${error.message}`);
+ * });
  * ```
  */
 export async function runTasks(
@@ -4701,7 +5712,11 @@ export async function runTasks(
   }
   await storeDefinedSchedules(unique, logger);
 
-  const runners = unique.map((definition) => new TaskRunner(definition, logger, parsed.debug));
+  const events = new EventBus(logger);
+  if (parsed.onEvent !== undefined) events.onEvery(parsed.onEvent);
+  const runners = unique.map((definition) =>
+    new TaskRunner(definition, logger, parsed.debug, events)
+  );
   const schedulers = [...databases].map((database) =>
     new CronScheduler(
       database,
@@ -4710,7 +5725,11 @@ export async function runTasks(
       parsed.debug,
     )
   );
+  const cleanups = unique.map((definition) =>
+    new CleanupService(definition, logger, parsed.debug, events)
+  );
   for (const runner of runners) runner.start();
+  for (const cleanup of cleanups) cleanup.start(parsed.cleanupInterval);
   await Promise.all(schedulers.map((scheduler) => scheduler.start()));
   logger.info(
     `tasklite: running ${countOf(runners.length, "task")}: ${names.join(", ")}`,
@@ -4735,6 +5754,7 @@ export async function runTasks(
     stopPromise = (async () => {
       // Schedulers first, so no new occurrence is enqueued while the runners drain.
       await Promise.all(schedulers.map((scheduler) => scheduler.stop()));
+      await Promise.all(cleanups.map((cleanup) => cleanup.stop()));
       for (const runner of runners) void runner.stop(timeout);
       await stopped;
     })();
@@ -4764,7 +5784,20 @@ export async function runTasks(
       return passes.flat();
     },
   };
-  return { tasks: names, stop, stopped, scheduler };
+  const cleanup = async (now?: Date | number): Promise<number> => {
+    const time = parseOptions(cleanupArgumentsSchema, { now }, "cleanup()").now;
+    let deleted = 0;
+    for (const service of cleanups) deleted += await service.runOnce(time);
+    return deleted;
+  };
+  return {
+    tasks: names,
+    stop,
+    stopped,
+    scheduler,
+    on: (type, listener) => events.on(type, listener as EventListener),
+    cleanup,
+  };
 }
 
 /**
@@ -4789,6 +5822,8 @@ function guardLogger(logger: Logger): Logger {
     error: guard("error"),
   };
 }
+
+const cleanupArgumentsSchema = v.object({ now: v.optional(timeSchema()) });
 
 /** Warns once per name about pending rows that no task of this runner handles. */
 function watchUnknownNames(
@@ -4826,6 +5861,550 @@ function watchUnknownNames(
   const timer = setInterval(check, unknownNamesInterval);
   unrefTimer(timer);
   return timer;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations: cancel, retry, purge, stats, listTasks
+// ---------------------------------------------------------------------------------------------
+
+/** The state of a task's row. See the README for who moves a row into each state. */
+export type TaskState = "pending" | "running" | "completed" | "failed" | "cancelled";
+
+const taskStates: ReadonlyArray<TaskState> = [
+  "pending",
+  "running",
+  "completed",
+  "failed",
+  "cancelled",
+];
+
+/**
+ * What {@linkcode cancel} did: `"cancelled"` when the task is now `cancelled`, `"cancelling"`
+ * when it is running and its runner aborts the attempt and then moves it to `cancelled`.
+ */
+export type CancelResult = "cancelled" | "cancelling";
+
+/** Options of {@linkcode retryFailed}. */
+export interface RetryFailedOptions {
+  /** Retry only the failed tasks of this name. */
+  name?: string;
+}
+
+/** What {@linkcode retryFailed} resolves to. */
+export interface RetryFailedResult {
+  /** The number of failed tasks that became pending. */
+  readonly retried: number;
+  /**
+   * The number of failed tasks left failed because a pending or running task of the same name
+   * holds their `key`.
+   */
+  readonly skipped: number;
+}
+
+/** Options of {@linkcode purge}. */
+export interface PurgeOptions {
+  /** The end state of the rows to delete. */
+  state: "completed" | "failed" | "cancelled";
+  /** Delete rows that reached `state` at least this long ago. `0` deletes every such row. */
+  olderThan: Duration;
+  /** Delete only rows of this task. */
+  name?: string;
+}
+
+/** The number of rows in each state. */
+export interface StateCounts {
+  /** Rows waiting to run, due or not. */
+  readonly pending: number;
+  /** Rows claimed by a runner. */
+  readonly running: number;
+  /** Succeeded rows kept by `keepCompleted`. */
+  readonly completed: number;
+  /** Rows whose last attempt failed. */
+  readonly failed: number;
+  /** Cancelled rows. */
+  readonly cancelled: number;
+}
+
+/** The counts of one task, in {@linkcode QueueStats}. */
+export interface TaskStats extends StateCounts {
+  /** The task's name. */
+  readonly name: string;
+  /**
+   * Milliseconds that the longest-waiting due task has been due (now minus its `run_at`), or
+   * `null` when no pending task is due. A growing value means the runners fall behind.
+   */
+  readonly oldestPendingAge: number | null;
+}
+
+/** What {@linkcode stats} resolves to. */
+export interface QueueStats {
+  /** One entry per task name that has rows, sorted by name. */
+  readonly tasks: TaskStats[];
+  /** The counts and oldest pending age over all task names. */
+  readonly totals: StateCounts & { readonly oldestPendingAge: number | null };
+}
+
+/** Options of {@linkcode listTasks}. */
+export interface ListTasksOptions {
+  /** List only tasks in this state. */
+  state?: TaskState;
+  /** List only tasks of this name. */
+  name?: string;
+  /**
+   * The maximum number of tasks to list, from 1 to 10000.
+   *
+   * @default {100}
+   */
+  limit?: number;
+}
+
+/** One task's row, as {@linkcode listTasks} returns it. */
+export interface TaskInfo {
+  /** The task's id. */
+  readonly id: string;
+  /** The task's name. */
+  readonly name: string;
+  /** The row's state. */
+  readonly state: TaskState;
+  /**
+   * The stored data, parsed from JSON: `undefined` when none was stored, and the raw text when
+   * it is not valid JSON.
+   */
+  readonly data: unknown;
+  /** The deduplication key, or `null`. */
+  readonly key: string | null;
+  /** The priority. */
+  readonly priority: number;
+  /** The number of attempts started since the task was created or last retried. */
+  readonly attempts: number;
+  /** When the task was created. */
+  readonly createdAt: Date;
+  /** When the task is or was due. */
+  readonly runAt: Date;
+  /** When the lease of a running task runs out, or `null`. */
+  readonly lockedUntil: Date | null;
+  /** The claim token of the runner that holds the lease, or `null`. */
+  readonly lockedBy: string | null;
+  /** The number of failed attempts over the task's life, retries included. */
+  readonly failures: number;
+  /** The error of the last failed attempt, with its stack, or `null`. */
+  readonly lastError: string | null;
+  /** When the last attempt failed, or `null`. */
+  readonly lastFailedAt: Date | null;
+  /** When the task reached an end state, or `null` while it is pending or running. */
+  readonly finishedAt: Date | null;
+  /** When {@linkcode cancel} was called on the task, or `null`. */
+  readonly cancelRequestedAt: Date | null;
+}
+
+const idExpected = "a task id: a non-empty string";
+
+function checkId(id: unknown, context: string): asserts id is string {
+  if (typeof id !== "string" || id.length === 0) {
+    throw new TypeError(
+      `Invalid task id for ${context}: expected ${idExpected}, received ${describeValue(id)}`,
+    );
+  }
+}
+
+const taskNameSchema = v.pipe(v.string(nameExpected), v.regex(namePattern, nameExpected));
+
+const retryFailedOptionsSchema = v.strictObject({ name: v.optional(taskNameSchema) });
+
+const purgeOptionsSchema = v.strictObject({
+  state: v.picklist(["completed", "failed", "cancelled"], '"completed", "failed" or "cancelled"'),
+  olderThan: durationSchema(),
+  name: v.optional(taskNameSchema),
+});
+
+const listTasksOptionsSchema = v.strictObject({
+  state: v.optional(
+    v.picklist(taskStates, taskStates.map((state) => JSON.stringify(state)).join(", ")),
+  ),
+  name: v.optional(taskNameSchema),
+  limit: v.optional(integerSchema(1, 10_000), 100),
+});
+
+/** Wakes the runners in this process of one task name, or of every name, of this database. */
+function wakeRunners(database: TaskDatabase, name: string | undefined, runAt: number): void {
+  const names = name !== undefined
+    ? [name]
+    : [...runnersByDatabase.get(database.identity) ?? []].map((runner) => runner.name);
+  database.notify(names.map((each) => ({ name: each, runAt })));
+}
+
+/**
+ * Cancels a task. A pending task becomes `cancelled` at once. A running task's runner fires the
+ * attempt's `signal` (an `AbortError`) and then moves it to `cancelled`: a runner in this
+ * process does so at once, a runner in another process when it next renews its lease (every
+ * third of the task's `lease`). If the attempt ends first, its result stands, except that a
+ * failed attempt is not retried. Cancelling a cancelled task does nothing.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param id The task's id.
+ * @returns `"cancelled"` or `"cancelling"`; see {@linkcode CancelResult}.
+ * @throws {TypeError} When the id is not a non-empty string.
+ * @throws {Error} When no task has this id, or the task already completed or failed.
+ *
+ * @example Cancel a task
+ * ```ts
+ * import { cancel, openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const result = await cancel(database, "0195e3a2-7c4e-7f00-8c1a-2b3c4d5e6f70");
+ * console.log(result); // "cancelled" or "cancelling"
+ * ```
+ */
+export async function cancel(database: Database, id: string): Promise<CancelResult> {
+  const taskDatabase = toTaskDatabase(database, "cancel()");
+  checkId(id, "cancel()");
+  await taskDatabase.ready();
+
+  const result = await taskDatabase.storage.cancel(id, taskDatabase.now());
+  if (result.outcome === "missing") {
+    throw new Error(`Cannot cancel task ${JSON.stringify(id)}: no task has this id`);
+  }
+  if (result.outcome === "cancelled") return "cancelled";
+  if (result.outcome === "requested") {
+    for (const runner of runnersByDatabase.get(taskDatabase.identity) ?? []) {
+      if (runner.name === result.name) runner.cancelAttempt(id);
+    }
+    return "cancelling";
+  }
+  if (result.state === "cancelled") return "cancelled";
+  throw new Error(
+    `Cannot cancel task ${JSON.stringify(id)}: it already ended as "${result.state}"`,
+  );
+}
+
+/**
+ * Moves a `failed` or `cancelled` task back to `pending`, due now, with a fresh attempt budget
+ * (`attempts` starts again at 0). The task keeps its id, data and key, and its last error until
+ * the next failure.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param id The task's id.
+ * @throws {TypeError} When the id is not a non-empty string.
+ * @throws {Error} When no task has this id, the task is not failed or cancelled, or a pending
+ *   or running task of the same name holds its key.
+ *
+ * @example Retry one task
+ * ```ts
+ * import { openDatabase, retry } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * await retry(database, "0195e3a2-7c4e-7f00-8c1a-2b3c4d5e6f70");
+ * ```
+ */
+export async function retry(database: Database, id: string): Promise<void> {
+  const taskDatabase = toTaskDatabase(database, "retry()");
+  checkId(id, "retry()");
+  await taskDatabase.ready();
+
+  const now = taskDatabase.now();
+  const result = await taskDatabase.storage.retry(id, now);
+  if (result.retried) {
+    wakeRunners(taskDatabase, result.name, now);
+    return;
+  }
+  const quoted = JSON.stringify(id);
+  if (result.state === undefined) {
+    throw new Error(`Cannot retry task ${quoted}: no task has this id`);
+  }
+  if (result.state === "failed" || result.state === "cancelled") {
+    throw new Error(
+      `Cannot retry task ${quoted}: ${
+        result.keyHolder === undefined ? "another task" : `task ${JSON.stringify(result.keyHolder)}`
+      } with the same name and key is pending or running; retry it after that task ends`,
+    );
+  }
+  throw new Error(
+    `Cannot retry task ${quoted}: it is ${result.state}, and only failed or cancelled tasks ` +
+      `can be retried`,
+  );
+}
+
+/**
+ * Moves every `failed` task, or those of one task name, back to `pending`, due now, with a
+ * fresh attempt budget. A failed task whose key a pending or running task holds stays failed
+ * and is counted in `skipped`.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param options See {@linkcode RetryFailedOptions}.
+ * @returns The number retried and skipped.
+ * @throws {TypeError} When an option is invalid.
+ *
+ * @example Retry the failed runs of one task
+ * ```ts
+ * import { openDatabase, retryFailed } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const { retried } = await retryFailed(database, { name: "send-welcome" });
+ * ```
+ */
+export async function retryFailed(
+  database: Database,
+  options: RetryFailedOptions = {},
+): Promise<RetryFailedResult> {
+  const taskDatabase = toTaskDatabase(database, "retryFailed()");
+  const { name } = parseOptions(retryFailedOptionsSchema, options, "retryFailed()");
+  await taskDatabase.ready();
+
+  const now = taskDatabase.now();
+  const result = await taskDatabase.storage.retryFailed(name, now);
+  if (result.retried > 0) wakeRunners(taskDatabase, name, now);
+  return result;
+}
+
+/**
+ * Deletes the rows in one end state that reached it at least `olderThan` ago, as the
+ * retention cleanup of a runner does, and resolves to the number deleted. Rows are deleted in
+ * chunks of 1000, each in its own transaction.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param options See {@linkcode PurgeOptions}.
+ * @returns The number of rows deleted.
+ * @throws {TypeError} When an option is missing or invalid.
+ *
+ * @example Delete failed tasks older than a week
+ * ```ts
+ * import { openDatabase, purge } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const deleted = await purge(database, { state: "failed", olderThan: "7d" });
+ * ```
+ */
+export async function purge(database: Database, options: PurgeOptions): Promise<number> {
+  const taskDatabase = toTaskDatabase(database, "purge()");
+  const parsed = parseOptions(purgeOptionsSchema, options, "purge()");
+  await taskDatabase.ready();
+
+  const before = taskDatabase.now() - parsed.olderThan;
+  return await taskDatabase.storage.deleteFinished(parsed.name, parsed.state, before);
+}
+
+/**
+ * Counts the rows per task name and state, and measures how long the oldest due task has
+ * waited.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @returns The counts per task name and the totals.
+ *
+ * @example Alert when tasks wait too long
+ * ```ts
+ * import { openDatabase, stats } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const { totals } = await stats(database);
+ * if ((totals.oldestPendingAge ?? 0) > 60_000) console.warn("The runners fall behind");
+ * ```
+ */
+export async function stats(database: Database): Promise<QueueStats> {
+  const taskDatabase = toTaskDatabase(database, "stats()");
+  await taskDatabase.ready();
+
+  const now = taskDatabase.now();
+  const rows = await taskDatabase.storage.stats(now);
+  const byName = new Map<string, Record<string, unknown>>();
+  const totals: Record<string, unknown> = { ...emptyCounts(), oldestPendingAge: null };
+  for (const row of rows) {
+    const name = row.name as string;
+    const state = row.state as string;
+    if (!taskStates.includes(state as TaskState)) continue;
+    let entry = byName.get(name);
+    if (entry === undefined) {
+      entry = { name, ...emptyCounts(), oldestPendingAge: null };
+      byName.set(name, entry);
+    }
+    entry[state] = row.count as number;
+    totals[state] = (totals[state] as number) + (row.count as number);
+    if (typeof row.oldest_due === "number") {
+      const age = now - row.oldest_due;
+      entry.oldestPendingAge = age;
+      totals.oldestPendingAge = Math.max(age, (totals.oldestPendingAge as number | null) ?? 0);
+    }
+  }
+  return {
+    tasks: [...byName.values()] as unknown as TaskStats[],
+    totals: totals as unknown as QueueStats["totals"],
+  };
+}
+
+function emptyCounts(): StateCounts {
+  return { pending: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
+}
+
+/**
+ * Lists tasks, newest first, optionally of one state or name.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param options See {@linkcode ListTasksOptions}.
+ * @returns The tasks, newest first.
+ * @throws {TypeError} When an option has the wrong type.
+ * @throws {RangeError} When `limit` is out of range.
+ *
+ * @example List the last 10 failures
+ * ```ts
+ * import { listTasks, openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * for (const task of await listTasks(database, { state: "failed", limit: 10 })) {
+ *   console.log(task.id, task.name, task.lastError);
+ * }
+ * ```
+ */
+export async function listTasks(
+  database: Database,
+  options: ListTasksOptions = {},
+): Promise<TaskInfo[]> {
+  const taskDatabase = toTaskDatabase(database, "listTasks()");
+  const parsed = parseOptions(listTasksOptionsSchema, options, "listTasks()");
+  await taskDatabase.ready();
+
+  const rows = await taskDatabase.storage.listTasks(parsed.state, parsed.name, parsed.limit);
+  return rows.map(toTaskInfo);
+}
+
+function toTaskInfo(row: Row): TaskInfo {
+  const date = (value: unknown) => typeof value === "number" ? new Date(value) : null;
+  let data: unknown = undefined;
+  if (row.data !== null) {
+    try {
+      data = JSON.parse(row.data as string);
+    } catch {
+      data = row.data;
+    }
+  }
+  return {
+    id: row.id as string,
+    name: row.name as string,
+    state: row.state as TaskState,
+    data,
+    key: row.key as string | null,
+    priority: row.priority as number,
+    attempts: row.attempts as number,
+    createdAt: new Date(row.created as number),
+    runAt: new Date(row.run_at as number),
+    lockedUntil: date(row.locked_until),
+    lockedBy: row.locked_by as string | null,
+    failures: (row.failed_nr as number | null) ?? 0,
+    lastError: row.failed_error as string | null,
+    lastFailedAt: date(row.failed_last),
+    finishedAt: date(row.finished_at),
+    cancelRequestedAt: date(row.cancelled_at),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Testing: drain the queue in the application's own tests
+// ---------------------------------------------------------------------------------------------
+
+/** Options of {@linkcode drain}. */
+export interface DrainOptions {
+  /** The tasks to run. Each must belong to the database passed to `drain`. */
+  // deno-lint-ignore no-explicit-any
+  tasks: ReadonlyArray<Task<any>>;
+  /**
+   * Run the tasks that are due at this time, as a `Date` or milliseconds since the epoch. A
+   * retry is due at the database clock's time plus its backoff, so a `now` far enough ahead
+   * also runs every retry. Defaults to the database's clock, read at each round.
+   */
+  now?: Date | number;
+  /**
+   * Where log lines go, as in {@linkcode RunTasksOptions}.
+   *
+   * @default {console}
+   */
+  logger?: Logger;
+}
+
+/** What {@linkcode drain} resolves to: the number of results of each kind. */
+export interface DrainResult {
+  /** Attempts that succeeded. */
+  readonly succeeded: number;
+  /** Tasks that failed for good. */
+  readonly failed: number;
+  /** Attempts that failed and were scheduled again. */
+  readonly retried: number;
+  /** Running tasks that were cancelled. */
+  readonly cancelled: number;
+}
+
+const drainOptionsSchema = v.strictObject({
+  // deno-lint-ignore no-explicit-any
+  tasks: v.array(v.custom<Task<any>>(() => true), "an array of tasks"),
+  now: v.optional(timeSchema()),
+  logger: runTasksOptionsSchema.entries.logger,
+});
+
+/** A safety limit on the rounds of one drain, so that a task that keeps re-enqueueing ends. */
+const maxDrainRounds = 10_000;
+
+/**
+ * Runs every due task of `tasks` until none is due, and resolves to the number of results of
+ * each kind. Each round claims up to `batchSize` due rows per task and waits until they are
+ * recorded and their hooks have run, so tasks that a task performs run in the same drain.
+ * It starts no timers: delays and backoff follow the database's clock (`openDatabase(url,
+ * { now })`), so tests can move time forward instead of waiting.
+ *
+ * @param database The database from {@linkcode openDatabase}.
+ * @param options See {@linkcode DrainOptions}.
+ * @returns The counts of results.
+ * @throws {TypeError} When an option is invalid or a task belongs to another database.
+ * @throws {Error} When a database statement fails, or after 10000 rounds that each found due
+ *   tasks.
+ *
+ * @example Test a task with a fake clock
+ * ```ts
+ * import { defineDatabaseTask, drain, openDatabase, perform } from "tasklite";
+ *
+ * let now = Date.parse("2025-01-01T00:00:00Z");
+ * const database = openDatabase(":memory:", { now: () => now });
+ * const remind = defineDatabaseTask(database, { name: "remind", process() {} });
+ *
+ * await perform(remind, null, { delay: "1h" });
+ * console.log(await drain(database, { tasks: [remind] })); // nothing due yet
+ * now += 3_600_000;
+ * console.log(await drain(database, { tasks: [remind] })); // { succeeded: 1, ... }
+ * ```
+ */
+export async function drain(database: Database, options: DrainOptions): Promise<DrainResult> {
+  const taskDatabase = toTaskDatabase(database, "drain()");
+  const parsed = parseOptions(drainOptionsSchema, options, "drain()");
+  const logger: Logger = parsed.logger ?? consoleLogger;
+  const definitions = parsed.tasks.map((task, index) => {
+    const internals = toTaskInternals(task, `drain() (task ${index})`);
+    if (internals.database !== taskDatabase) {
+      throw new TypeError(
+        `Invalid task for drain(): task "${internals.name}" belongs to another database; ` +
+          `drain each database with its own tasks`,
+      );
+    }
+    return internals;
+  });
+  await taskDatabase.ready();
+
+  const counts = { succeeded: 0, failed: 0, retried: 0, cancelled: 0 };
+  const events = new EventBus(logger);
+  events.onEvery((event) => {
+    if (event.type in counts) counts[event.type as keyof typeof counts]++;
+  });
+  const runners = definitions.map((definition) =>
+    new TaskRunner(definition, logger, false, events)
+  );
+
+  for (let round = 1;; round++) {
+    if (round > maxDrainRounds) {
+      throw new Error(
+        `drain() stopped after ${maxDrainRounds} rounds that each found due tasks: a task ` +
+          `probably performs itself or another drained task every time it runs`,
+      );
+    }
+    const dueAt = parsed.now ?? taskDatabase.now();
+    let claimed = 0;
+    for (const runner of runners) claimed += await runner.runDue(dueAt);
+    if (claimed === 0) return counts;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ describe("openDatabase()", () => {
       "key",
       "schedule",
       "scheduled_for",
+      "finished_at",
+      "cancelled_at",
     ]);
     const indexes = await database.client.execute("SELECT name FROM pragma_index_list('tasks')");
     expect(indexes.rows.map((row) => row.name)).toContain("tasks_claim");
@@ -48,6 +50,7 @@ describe("openDatabase()", () => {
       "created",
       "updated",
     ]);
+    expect(indexes.rows.map((row) => row.name)).toContain("tasks_finished");
     const version = await database.client.execute("PRAGMA user_version");
     expect(version.rows[0].user_version).toBe(1);
     database.close();
@@ -158,7 +161,7 @@ describe("openDatabase()", () => {
     const columns = await database.client.execute(
       "SELECT count(*) AS n FROM pragma_table_info('tasks')",
     );
-    expect(columns.rows[0].n).toBe(16);
+    expect(columns.rows[0].n).toBe(18);
     database.close();
   });
 

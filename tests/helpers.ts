@@ -1,7 +1,17 @@
+import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Database, Logger } from "../mod.ts";
+import { fileURLToPath } from "node:url";
+import { afterEach } from "bun:test";
+import {
+  type Database,
+  type DatabaseOptions,
+  type Logger,
+  openDatabase,
+  type Runner,
+  runTasks,
+} from "../mod.ts";
 
 const directories: string[] = [];
 
@@ -79,4 +89,92 @@ export async function countByState(database: Database): Promise<Record<string, n
     "SELECT state, count(*) AS n FROM tasks GROUP BY state",
   );
   return Object.fromEntries(result.rows.map((row) => [row.state as string, row.n as number]));
+}
+
+/** A child process whose standard output is collected line by line. */
+export interface ChildProcess {
+  readonly process: import("node:child_process").ChildProcess;
+  /** Every line printed so far. */
+  readonly lines: string[];
+  /** Resolves with the first printed line that contains `text`. */
+  waitForLine(text: string, timeout?: number): Promise<string>;
+  /** Resolves with the exit code (or the signal) once the process has ended. */
+  readonly exited: Promise<{ code: number | null; signal: string | null }>;
+}
+
+const fixtures = new URL("./fixtures/", import.meta.url);
+
+/** Starts `tests/fixtures/child-runner.ts` in its own process, with the current runtime. */
+export function startChildRunner(url: string, options: Record<string, unknown>): ChildProcess {
+  const child = spawn(
+    process.execPath,
+    [fileURLToPath(new URL("child-runner.ts", fixtures)), url, JSON.stringify(options)],
+    { stdio: ["pipe", "pipe", "inherit"] },
+  );
+  const lines: string[] = [];
+  let buffer = "";
+  child.stdout!.setEncoding("utf8");
+  child.stdout!.on("data", (chunk: string) => {
+    buffer += chunk;
+    const parts = buffer.split("\n");
+    buffer = parts.pop()!;
+    lines.push(...parts);
+  });
+  const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) =>
+    child.on("exit", (code, signal) => resolve({ code, signal }))
+  );
+  children.push(child);
+  return {
+    process: child,
+    lines,
+    waitForLine: (text, timeout = 10_000) =>
+      waitFor(() => lines.find((line) => line.includes(text)), {
+        timeout,
+        message: `a line containing ${JSON.stringify(text)} (got ${JSON.stringify(lines)})`,
+      }),
+    exited,
+  };
+}
+
+const children: import("node:child_process").ChildProcess[] = [];
+
+/**
+ * Kills every child runner that is still alive. Call it in `afterEach`: bun runs every test
+ * file in one process, so an `afterAll` here would only apply to the first file that imports
+ * this module. A child whose parent died also ends, when its standard input closes.
+ */
+export function killChildRunners(): void {
+  for (const child of children.splice(0)) {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  }
+}
+
+/**
+ * Returns `open` and `start` functions whose databases and runners are closed and stopped
+ * after each test of the calling file, together with its child runners, so that a failing test
+ * still cleans up. Call it at the top level of a test file.
+ */
+export function useResources(): {
+  open(url?: string, options?: DatabaseOptions): Database;
+  start(...args: Parameters<typeof runTasks>): Promise<Runner>;
+} {
+  const runners: Runner[] = [];
+  const databases: Database[] = [];
+  afterEach(async () => {
+    killChildRunners();
+    for (const runner of runners.splice(0)) await runner.stop({ timeout: 100 });
+    for (const database of databases.splice(0)) database.close();
+  });
+  return {
+    open(url = temporaryDatabaseUrl(), options = {}) {
+      const database = openDatabase(url, options);
+      databases.push(database);
+      return database;
+    },
+    async start(tasks, options) {
+      const runner = await runTasks(tasks, { logger: captureLogger(), ...options });
+      runners.push(runner);
+      return runner;
+    },
+  };
 }
