@@ -35,7 +35,8 @@ tarball="$work/$(tail -n 1 "$work/pack.log")"
 
 # The tarball contains the build, the manifest and the README, and nothing else.
 contents=$(tar -tzf "$tarball" | sort)
-for required in package/package.json package/README.md package/dist/mod.js package/dist/mod.d.ts; do
+for required in package/package.json package/README.md package/dist/mod.js package/dist/mod.d.ts \
+  package/dist/cli.js; do
   grep -qx "$required" <<<"$contents" || fail "$required is missing from the tarball"
 done
 unexpected=$(grep -v -E '^package/(package\.json|README\.md|LICENSE|dist/[^/]+\.(js|d\.ts))$' \
@@ -78,6 +79,15 @@ if (JSON.stringify(runs) !== '[{"n":1}]') {
 console.log(`imported the tarball and ran a task under ${runtime}`);
 EOF
 node smoke.mjs
+
+# The `tasklite` command from package.json's bin, run through npm's link to it, reads the queue
+# that the smoke test left.
+status=$(./node_modules/.bin/tasklite status --db "file:$PWD/smoke.db" --json) ||
+  fail "the installed tasklite command failed"
+[ "$status" != "" ] || fail "the installed tasklite command printed nothing"
+./node_modules/.bin/tasklite --help | grep -q "Usage: tasklite" ||
+  fail "tasklite --help does not print its usage"
+echo "ran the installed tasklite command"
 "$bin/bun" smoke.mjs
 
 # The declarations resolve through the "exports" map and keep the data type of a task.
