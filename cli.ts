@@ -66,7 +66,14 @@ const jsonOption: OptionSpec = {
 };
 const helpOption: OptionSpec = { name: "help", help: "Show this help." };
 
-const taskStates: TaskState[] = ["pending", "running", "completed", "failed", "cancelled"];
+const taskStates: TaskState[] = [
+  "scheduled",
+  "pending",
+  "running",
+  "completed",
+  "failed",
+  "cancelled",
+];
 const endStates = ["completed", "failed", "cancelled"] as const;
 
 const commands: Command[] = [
@@ -206,12 +213,21 @@ async function statusCommand(args: Arguments): Promise<void> {
     const result = await stats(database);
     if (args.options.has("json")) return printJson(result);
     if (result.tasks.length === 0) return print(`No tasks in ${url}`);
-    print(renderTable(statusRows(result), [1, 2, 3, 4, 5]));
+    print(renderTable(statusRows(result), [1, 2, 3, 4, 5, 6]));
   });
 }
 
 function statusRows(result: QueueStats): string[][] {
-  const header = ["TASK", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "OLDEST DUE"];
+  const header = [
+    "TASK",
+    "SCHEDULED",
+    "PENDING",
+    "RUNNING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "OLDEST DUE",
+  ];
   const rows = result.tasks.map((task) => [
     task.name,
     ...countsOf(task),

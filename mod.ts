@@ -1179,11 +1179,15 @@ function logText(error: Error): string {
 
 /*
  * States of a row in `tasks`:
- * - `pending`: waiting until `run_at`. `perform` inserts rows in this state. A runner moves a
- *   row back here in three cases: after a failed attempt that has attempts left, when it stops
- *   before the attempt ends and releases the lease, and when it finds an expired lease.
- *   `retry` and `retryFailed` move `failed` and `cancelled` rows here with `attempts = 0`.
- *   Rows leave it through a claim or through `cancel`.
+ * - `scheduled`: waiting for a `run_at` in the future. `perform` with a `delay` or a later
+ *   `runAt` inserts rows in this state, and a failed attempt with attempts left moves its row
+ *   here for its backoff. A runner of the task moves due rows to `pending` before it claims.
+ *   Rows also leave it through `cancel`.
+ * - `pending`: due, waiting for a runner. `perform` inserts rows in this state when they are
+ *   due at once, and a runner moves a row back here when it stops before the attempt ends and
+ *   releases the lease, and when it finds an expired lease. `retry` and `retryFailed` move
+ *   `failed` and `cancelled` rows here with `attempts = 0`. Rows leave it through a claim or
+ *   through `cancel`.
  * - `running`: claimed by the runner named in `locked_by` until `locked_until`. Only a claim
  *   moves a row here. The runner that holds the lease deletes the row after a success, or
  *   moves it to `completed`, `failed` or back to `pending`. `cancel` sets `cancelled_at` on a
@@ -1247,6 +1251,15 @@ const scheduleColumns = `name TEXT PRIMARY KEY,
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL`;
 
+/** The indexes that `migrate` creates on `tasks`. */
+const taskIndexes = [
+  "tasks_claim",
+  "tasks_scheduled",
+  "tasks_key",
+  "tasks_schedule",
+  "tasks_finished",
+];
+
 /** The columns that plainweb's task table already has. */
 const plainwebColumns = [
   "id",
@@ -1263,14 +1276,18 @@ const sql = {
     Object.entries(taskColumns).map(([column, type]) => `${column} ${type}`).join(", ")
   })`,
   // The claim walks this index in claim order: name and state fixed, then priority, run_at and
-  // rowid (every index entry ends with the rowid). So it reads only the rows it takes, plus any
-  // higher-priority rows that are not yet due.
+  // rowid (every index entry ends with the rowid). Every pending row is due, because rows that
+  // wait for a later time are `scheduled`, so the claim reads only the rows it takes.
   createClaimIndex:
     "CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (name, state, priority DESC, run_at)",
-  // A key is unique per task name among pending and running rows only, so it is released when
-  // the row reaches an end state.
+  // Only scheduled rows are in this index: inserts of due rows never touch it. It finds the next
+  // scheduled time, and the scheduled rows that are due, without reading the others.
+  createScheduledIndex: `CREATE INDEX IF NOT EXISTS tasks_scheduled ON tasks (name, run_at)
+    WHERE state = 'scheduled'`,
+  // A key is unique per task name among live rows (scheduled, pending and running) only, so it
+  // is released when the row reaches an end state.
   createKeyIndex: `CREATE UNIQUE INDEX IF NOT EXISTS tasks_key ON tasks (name, key)
-    WHERE key IS NOT NULL AND state IN ('pending', 'running')`,
+    WHERE key IS NOT NULL AND state IN ('scheduled', 'pending', 'running')`,
   createSchedules: `CREATE TABLE IF NOT EXISTS schedules (${scheduleColumns})`,
   // Only runs enqueued by a schedule are in this index, so it stays small.
   createScheduleIndex: `CREATE INDEX IF NOT EXISTS tasks_schedule ON tasks (schedule, state)
@@ -1284,6 +1301,7 @@ const sql = {
   backfillFinishedAt:
     "UPDATE tasks SET finished_at = failed_last WHERE state = 'failed' AND finished_at IS NULL",
   tableColumns: "SELECT name FROM pragma_table_info('tasks')",
+  tableIndexes: "SELECT name FROM pragma_index_list('tasks')",
   userVersion: "PRAGMA user_version",
   setUserVersion: "PRAGMA user_version = 1",
   journalModeWal: "PRAGMA journal_mode = WAL",
@@ -1292,52 +1310,57 @@ const sql = {
   connectionState:
     "SELECT data_version, synchronous, timeout FROM pragma_data_version, pragma_synchronous, pragma_busy_timeout",
 
+  // A row is `scheduled` when its run_at is after its creation, and `pending` otherwise.
   insertOne: `INSERT INTO tasks (id, name, data, created, run_at, priority, state)
-    VALUES (?, ?, ?, ?, ?, ?, 'pending')`,
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?5 > ?4 THEN 'scheduled' ELSE 'pending' END)`,
   // One statement for many rows: each element of the JSON array is [id, name, data, created,
   // run_at, priority], and `data` is the JSON text of the task's data or null.
   insertMany: `INSERT INTO tasks (id, name, data, created, run_at, priority, state)
-    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, 'pending'
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5,
+      CASE WHEN value ->> 4 > value ->> 3 THEN 'scheduled' ELSE 'pending' END
     FROM json_each(?)`,
 
   // A keyed insert names the partial unique index `tasks_key` as its conflict target. A live
   // row with the same name and key then turns the insert into nothing. For `replaceKeyed`, it
-  // turns it into an update of that row while the row is pending.
+  // turns it into an update of that row while the row waits (scheduled or pending).
   insertKeyed: `INSERT INTO tasks (id, name, data, created, run_at, priority, key, state)
-    VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')
-    ON CONFLICT (name, key) WHERE key IS NOT NULL AND state IN ('pending', 'running') DO NOTHING
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?5 > ?4 THEN 'scheduled' ELSE 'pending' END)
+    ON CONFLICT (name, key)
+      WHERE key IS NOT NULL AND state IN ('scheduled', 'pending', 'running')
+    DO NOTHING
     RETURNING id`,
   replaceKeyed: `INSERT INTO tasks (id, name, data, created, run_at, priority, key, state)
-    VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')
-    ON CONFLICT (name, key) WHERE key IS NOT NULL AND state IN ('pending', 'running')
-    DO UPDATE SET data = excluded.data, run_at = excluded.run_at, priority = excluded.priority
-      WHERE state = 'pending'
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?5 > ?4 THEN 'scheduled' ELSE 'pending' END)
+    ON CONFLICT (name, key)
+      WHERE key IS NOT NULL AND state IN ('scheduled', 'pending', 'running')
+    DO UPDATE SET data = excluded.data, run_at = excluded.run_at, priority = excluded.priority,
+      state = excluded.state
+      WHERE state IN ('scheduled', 'pending')
     RETURNING id`,
   liveKeyed: `SELECT id FROM tasks
-    WHERE name = ? AND key = ? AND state IN ('pending', 'running')`,
+    WHERE name = ? AND key = ? AND state IN ('scheduled', 'pending', 'running')`,
 
-  // One statement claims up to `limit` due rows and returns them. The subquery is materialised
-  // before the update, so the rows are chosen and locked atomically.
+  // One statement claims up to `limit` pending rows and returns them. The subquery is
+  // materialised before the update, so the rows are chosen and locked atomically.
   claim: `UPDATE tasks
     SET state = 'running', attempts = attempts + 1, locked_until = ?1, locked_by = ?2
     WHERE rowid IN (
       SELECT rowid FROM tasks
-      WHERE name = ?3 AND state = 'pending' AND run_at <= ?4
+      WHERE name = ?3 AND state = 'pending'
       ORDER BY priority DESC, run_at, rowid
-      LIMIT ?5)
+      LIMIT ?4)
     RETURNING id, data, attempts, run_at, priority, created, scheduled_for`,
-  // The earliest `run_at` of pending rows. The claim index is ordered by priority first, so the
-  // query takes the minimum within each priority: one index seek per distinct priority instead
-  // of a scan of every pending row.
-  nextRunAt: `WITH RECURSIVE levels(priority) AS (
-      SELECT max(priority) FROM tasks WHERE name = ?1 AND state = 'pending'
-      UNION ALL
-      SELECT (SELECT max(priority) FROM tasks
-              WHERE name = ?1 AND state = 'pending' AND priority < levels.priority)
-      FROM levels WHERE levels.priority IS NOT NULL)
-    SELECT min((SELECT min(run_at) FROM tasks
-                WHERE name = ?1 AND state = 'pending' AND priority = levels.priority)) AS run_at
-    FROM levels WHERE levels.priority IS NOT NULL`,
+  // Moves scheduled rows that are due to pending, earliest first, through `tasks_scheduled`.
+  promote: `UPDATE tasks SET state = 'pending'
+    WHERE rowid IN (
+      SELECT rowid FROM tasks
+      WHERE name = ?1 AND state = 'scheduled' AND run_at <= ?2
+      ORDER BY run_at
+      LIMIT ?3)`,
+  // Whether a pending row exists, and the earliest run_at of scheduled rows: two index seeks.
+  queueState: `SELECT
+      EXISTS (SELECT 1 FROM tasks WHERE name = ?1 AND state = 'pending') AS has_pending,
+      (SELECT min(run_at) FROM tasks WHERE name = ?1 AND state = 'scheduled') AS next_scheduled`,
   complete: `DELETE FROM tasks
     WHERE locked_by = ? AND state = 'running' AND id IN (SELECT value FROM json_each(?))
     RETURNING id`,
@@ -1350,9 +1373,11 @@ const sql = {
     SET state = 'cancelled', finished_at = ?1, locked_until = NULL, locked_by = NULL
     WHERE id = ?2 AND locked_by = ?3 AND state = 'running'
     RETURNING id`,
-  // A row whose cancel was requested while it ran ends `cancelled` instead of being retried.
+  // A row whose cancel was requested while it ran ends `cancelled` instead of being retried. A
+  // retry with a backoff waits as `scheduled`.
   retry: `UPDATE tasks
-    SET state = CASE WHEN cancelled_at IS NULL THEN 'pending' ELSE 'cancelled' END,
+    SET state = CASE WHEN cancelled_at IS NOT NULL THEN 'cancelled'
+        WHEN ?1 > ?2 THEN 'scheduled' ELSE 'pending' END,
       finished_at = CASE WHEN cancelled_at IS NULL THEN NULL ELSE ?2 END,
       run_at = ?1, failed_last = ?2, failed_nr = coalesce(failed_nr, 0) + 1,
       failed_error = ?3, locked_until = NULL, locked_by = NULL
@@ -1390,11 +1415,12 @@ const sql = {
       locked_until = NULL, locked_by = NULL
     WHERE name = ?4 AND state = 'running' AND locked_until < ?2
     RETURNING id, data, state, attempts`,
-  // The distinct names of pending rows, one index seek per name.
+  // The distinct names of waiting (pending or scheduled) rows, one index seek per name.
   pendingNames: `WITH RECURSIVE names(name) AS (
-      SELECT min(name) FROM tasks WHERE state = 'pending'
+      SELECT min(name) FROM tasks WHERE state IN ('pending', 'scheduled')
       UNION ALL
-      SELECT (SELECT min(name) FROM tasks WHERE state = 'pending' AND name > names.name)
+      SELECT (SELECT min(name) FROM tasks
+              WHERE state IN ('pending', 'scheduled') AND name > names.name)
       FROM names WHERE names.name IS NOT NULL)
     SELECT name FROM names WHERE name IS NOT NULL`,
 
@@ -1415,16 +1441,16 @@ const sql = {
   // Runs in the transaction of saveSchedule, right after it: changes() is 1 only when the
   // schedule was inserted or replaced. A run that has started (attempts > 0) is kept.
   deleteReplacedOccurrences: `DELETE FROM tasks
-    WHERE schedule = ?1 AND state = 'pending' AND attempts = 0 AND changes() = 1
+    WHERE schedule = ?1 AND state IN ('scheduled', 'pending') AND attempts = 0 AND changes() = 1
     RETURNING id`,
   deleteOccurrences: `DELETE FROM tasks
-    WHERE schedule = ?1 AND state = 'pending' AND attempts = 0
+    WHERE schedule = ?1 AND state IN ('scheduled', 'pending') AND attempts = 0
     RETURNING id`,
   deleteSchedule: "DELETE FROM schedules WHERE name = ?1 RETURNING name",
   // Schedules that came from a task's `cron` option, other than the one it defines now. Each
   // element of the JSON array is [task name, name of its cron schedule or null].
   deleteStaleOccurrences: `DELETE FROM tasks
-    WHERE state = 'pending' AND attempts = 0 AND schedule IN (
+    WHERE state IN ('scheduled', 'pending') AND attempts = 0 AND schedule IN (
       SELECT name FROM schedules
       WHERE source = 'definition' AND EXISTS (
         SELECT 1 FROM json_each(?1) AS kept
@@ -1452,7 +1478,8 @@ const sql = {
     SELECT value ->> 0, ?1, ?2, ?3, value ->> 1, 0, 'pending', value ->> 2, ?4, value ->> 1
     FROM json_each(?5)
     WHERE changes() = 1 AND (?6 OR NOT EXISTS (
-      SELECT 1 FROM tasks WHERE schedule = ?4 AND state IN ('pending', 'running')))
+      SELECT 1 FROM tasks
+      WHERE schedule = ?4 AND state IN ('scheduled', 'pending', 'running')))
     ON CONFLICT DO NOTHING
     RETURNING id, scheduled_for`,
   // `cancel` runs these three in one transaction. A pending row, or a running row whose lease
@@ -1461,7 +1488,8 @@ const sql = {
   cancelNow: `UPDATE tasks
     SET state = 'cancelled', finished_at = ?1, cancelled_at = coalesce(cancelled_at, ?1),
       locked_until = NULL, locked_by = NULL
-    WHERE id = ?2 AND (state = 'pending' OR (state = 'running' AND locked_until < ?1))
+    WHERE id = ?2
+      AND (state IN ('scheduled', 'pending') OR (state = 'running' AND locked_until < ?1))
     RETURNING id`,
   requestCancel: `UPDATE tasks SET cancelled_at = coalesce(cancelled_at, ?1)
     WHERE id = ?2 AND state = 'running'
@@ -1497,7 +1525,8 @@ const sql = {
 
   // Reads the claim index only: name, state and run_at are all in it.
   stats: `SELECT name, state, count(*) AS count,
-      min(CASE WHEN state = 'pending' AND run_at <= ?1 THEN run_at END) AS oldest_due
+      min(CASE WHEN state IN ('pending', 'scheduled') AND run_at <= ?1 THEN run_at END)
+        AS oldest_due
     FROM tasks GROUP BY name, state ORDER BY name`,
   // Newest first. A NULL filter matches every row.
   listTasks: `SELECT id, name, state, data, key, priority, attempts, created, run_at,
@@ -1712,13 +1741,12 @@ class SqliteStorage {
   async claim(
     name: string,
     limit: number,
-    now: number,
     lockedUntil: number,
     token: string,
   ): Promise<ClaimedRow[]> {
     const result = await this.execute({
       sql: sql.claim,
-      args: [lockedUntil, token, name, now, limit],
+      args: [lockedUntil, token, name, limit],
     });
     const rows = result.rows.map((row): ClaimedRow => ({
       id: row.id as string,
@@ -1734,10 +1762,20 @@ class SqliteStorage {
     return rows;
   }
 
-  async nextRunAt(name: string): Promise<number | null> {
-    const result = await this.execute({ sql: sql.nextRunAt, args: [name] });
-    const runAt = result.rows[0]?.run_at;
-    return typeof runAt === "number" ? runAt : null;
+  /** Returns whether a row of the task is pending, and when its earliest scheduled row is due. */
+  async queueState(name: string): Promise<{ hasPending: boolean; nextScheduled: number | null }> {
+    const result = await this.execute({ sql: sql.queueState, args: [name] });
+    const row = result.rows[0];
+    return {
+      hasPending: row?.has_pending === 1,
+      nextScheduled: typeof row?.next_scheduled === "number" ? row.next_scheduled : null,
+    };
+  }
+
+  /** Moves up to `limit` scheduled rows that are due at `now` to pending; returns how many. */
+  async promote(name: string, now: number, limit: number): Promise<number> {
+    const result = await this.execute({ sql: sql.promote, args: [name, now, limit] });
+    return result.rowsAffected;
   }
 
   /** Records results and returns the ids whose lease was still held, so the write applied. */
@@ -2115,6 +2153,9 @@ class SqliteStorage {
     const columns = await this.execute(sql.tableColumns);
     const present = new Set(columns.rows.map((row) => row.name as string));
     if (!Object.keys(taskColumns).every((column) => present.has(column))) return false;
+    const indexes = await this.execute(sql.tableIndexes);
+    const indexNames = new Set(indexes.rows.map((row) => row.name as string));
+    if (!taskIndexes.every((index) => indexNames.has(index))) return false;
     const schedules = await this.execute(sql.schedulesTable);
     return schedules.rows.length > 0;
   }
@@ -2154,6 +2195,7 @@ class SqliteStorage {
         );
       }
       await transaction.execute(sql.createClaimIndex);
+      await transaction.execute(sql.createScheduledIndex);
       await transaction.execute(sql.createKeyIndex);
       await transaction.execute(sql.createScheduleIndex);
       await transaction.execute(sql.createSchedules);
@@ -3468,8 +3510,10 @@ class TaskRunner {
 
   /** Whether due rows may be waiting: set by wake-ups, cleared when a claim comes back short. */
   #maybeDue = true;
-  /** Whether the runner should look up the next due time before claiming. */
-  #checkNext = false;
+  /** Whether the runner should read the queue's state (pending rows, next scheduled time). */
+  #checkNext = true;
+  /** Whether scheduled rows may be due: they move to pending before the next claim. */
+  #promoteDue = false;
   #pumping = false;
   #pumpAgain = false;
   #pumpScheduled = false;
@@ -3559,6 +3603,7 @@ class TaskRunner {
     this.#wakeTimer = setTimeout(() => {
       this.#wakeTimer = undefined;
       this.#wakeAt = Infinity;
+      this.#promoteDue = true;
       this.#maybeDue = true;
       this.#schedulePump();
     }, Math.min(wait, 2_147_483_647));
@@ -3601,15 +3646,26 @@ class TaskRunner {
       const free = this.#task.batchSize - this.#inFlight.size;
       if (free <= 0) return;
 
-      if (this.#checkNext && !this.#maybeDue) {
+      // Two index seeks: are rows pending, and when is the earliest scheduled row due?
+      if (this.#checkNext) {
         this.#checkNext = false;
-        const next = await this.database.storage.nextRunAt(this.name);
-        if (next === null) return;
-        if (next > this.database.now()) {
-          this.#wakeAtTime(next);
-          return;
+        const { hasPending, nextScheduled } = await this.database.storage.queueState(this.name);
+        if (hasPending) this.#maybeDue = true;
+        if (nextScheduled !== null) {
+          if (nextScheduled <= this.database.now()) this.#promoteDue = true;
+          else this.#wakeAtTime(nextScheduled);
         }
-        this.#maybeDue = true;
+      }
+      if (this.#promoteDue) {
+        const promoted = await this.database.storage.promote(
+          this.name,
+          this.database.now(),
+          promoteBatch,
+        );
+        // A full batch may leave more due rows; otherwise look up the next scheduled time.
+        this.#promoteDue = promoted === promoteBatch;
+        if (!this.#promoteDue) this.#checkNext = true;
+        if (promoted > 0) this.#maybeDue = true;
       }
       if (!this.#maybeDue) return;
 
@@ -3618,7 +3674,6 @@ class TaskRunner {
       const rows = await this.database.storage.claim(
         this.name,
         free,
-        now,
         now + this.#task.lease,
         token,
       );
@@ -3918,7 +3973,10 @@ class TaskRunner {
         continue;
       }
       // A retried task is due again at its backoff: wake up for it without waiting for a poll.
-      if (entry.settlement?.kind === "retry") this.#wakeAtTime(entry.settlement.runAt);
+      if (entry.settlement?.kind === "retry") {
+        if (entry.settlement.runAt <= entry.settlement.now) this.#maybeDue = true;
+        else this.#wakeAtTime(entry.settlement.runAt);
+      }
       if (entry.settlement !== undefined) this.#emitSettled(entry.settlement, attempt, entry.error);
       if (this.#debug && entry.settlement?.kind === "complete") {
         this.#log.debug(
@@ -4414,11 +4472,15 @@ class TaskRunner {
     // The pump now only writes results, so every claim happens here.
     this.#state = "draining";
     const now = this.database.now();
+    // Every scheduled row due at `dueAt` becomes pending first, so a delay or a backoff that a
+    // test's clock has passed runs now.
+    while (
+      await this.database.storage.promote(this.name, dueAt, promoteBatch) === promoteBatch
+    );
     const token = `${this.#worker}-${++this.#claimCount}`;
     const rows = await this.database.storage.claim(
       this.name,
       this.#task.batchSize,
-      dueAt,
       now + this.#task.lease,
       token,
     );
@@ -5612,6 +5674,9 @@ const stopOptionsSchema = v.strictObject({
   timeout: v.optional(durationSchema(0, Infinity), 30_000),
 });
 
+/** The maximum number of scheduled rows that one statement moves to pending. */
+const promoteBatch = 1_000;
+
 /** How often a runner looks for pending rows of task names that it does not run, in ms. */
 const unknownNamesInterval = 60_000;
 
@@ -5868,9 +5933,16 @@ function watchUnknownNames(
 // ---------------------------------------------------------------------------------------------
 
 /** The state of a task's row. See the README for who moves a row into each state. */
-export type TaskState = "pending" | "running" | "completed" | "failed" | "cancelled";
+export type TaskState =
+  | "scheduled"
+  | "pending"
+  | "running"
+  | "completed"
+  | "failed"
+  | "cancelled";
 
 const taskStates: ReadonlyArray<TaskState> = [
+  "scheduled",
   "pending",
   "running",
   "completed",
@@ -5913,7 +5985,9 @@ export interface PurgeOptions {
 
 /** The number of rows in each state. */
 export interface StateCounts {
-  /** Rows waiting to run, due or not. */
+  /** Rows waiting for a later `run_at`: a delay, a `runAt` or a retry's backoff. */
+  readonly scheduled: number;
+  /** Rows that are due and wait for a runner. */
   readonly pending: number;
   /** Rows claimed by a runner. */
   readonly running: number;
@@ -6115,7 +6189,7 @@ export async function retry(database: Database, id: string): Promise<void> {
     throw new Error(
       `Cannot retry task ${quoted}: ${
         result.keyHolder === undefined ? "another task" : `task ${JSON.stringify(result.keyHolder)}`
-      } with the same name and key is pending or running; retry it after that task ends`,
+      } with the same name and key is scheduled, pending or running; retry it after that task ends`,
     );
   }
   throw new Error(
@@ -6220,7 +6294,7 @@ export async function stats(database: Database): Promise<QueueStats> {
     totals[state] = (totals[state] as number) + (row.count as number);
     if (typeof row.oldest_due === "number") {
       const age = now - row.oldest_due;
-      entry.oldestPendingAge = age;
+      entry.oldestPendingAge = Math.max(age, (entry.oldestPendingAge as number | null) ?? 0);
       totals.oldestPendingAge = Math.max(age, (totals.oldestPendingAge as number | null) ?? 0);
     }
   }
@@ -6231,7 +6305,7 @@ export async function stats(database: Database): Promise<QueueStats> {
 }
 
 function emptyCounts(): StateCounts {
-  return { pending: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
+  return { scheduled: 0, pending: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
 }
 
 /**

@@ -93,7 +93,10 @@ describe("tasklite CLI", () => {
   test.each([
     [["list", "--limit", "abc"], 'invalid --limit "abc": expected an integer from 1 to 10000'],
     [["list", "--limit", "0"], 'invalid --limit "0": expected an integer from 1 to 10000'],
-    [["list", "--state", "done"], 'invalid --state "done": expected one of pending, running'],
+    [
+      ["list", "--state", "done"],
+      'invalid --state "done": expected one of scheduled, pending, running',
+    ],
     [["list", "--verbose"], "unknown option --verbose"],
     [["list", "--name"], "missing value for --name (NAME)"],
     [["list", "extra"], 'unexpected argument "extra"'],
@@ -130,6 +133,7 @@ describe("tasklite CLI", () => {
     const lines = table.stdout.trimEnd().split("\n");
     expect(lines[0].split(/\s{2,}/)).toEqual([
       "TASK",
+      "SCHEDULED",
       "PENDING",
       "RUNNING",
       "COMPLETED",
@@ -137,12 +141,12 @@ describe("tasklite CLI", () => {
       "CANCELLED",
       "OLDEST DUE",
     ]);
-    expect(lines[1].split(/\s+/).slice(0, 6)).toEqual(["mail", "2", "0", "0", "0", "0"]);
-    expect(lines[2].split(/\s+/)).toEqual(["report", "0", "0", "0", "1", "0", "-"]);
-    expect(lines[3].split(/\s+/).slice(0, 6)).toEqual(["(all)", "2", "0", "0", "1", "0"]);
+    expect(lines[1].split(/\s+/).slice(0, 7)).toEqual(["mail", "1", "1", "0", "0", "0", "0"]);
+    expect(lines[2].split(/\s+/)).toEqual(["report", "0", "0", "0", "0", "1", "0", "-"]);
+    expect(lines[3].split(/\s+/).slice(0, 7)).toEqual(["(all)", "1", "1", "0", "0", "1", "0"]);
 
     const json = JSON.parse(tasklite(["status", "--db", url, "--json"]).stdout);
-    expect(json.totals).toMatchObject({ pending: 2, failed: 1 });
+    expect(json.totals).toMatchObject({ scheduled: 1, pending: 1, failed: 1 });
     expect(json.tasks.map((task: { name: string }) => task.name)).toEqual(["mail", "report"]);
   });
 

@@ -101,7 +101,7 @@ describe("drain()", () => {
       retried: 1,
     });
     const [row] = await taskRows(database);
-    expect(row).toMatchObject({ state: "pending", run_at: 1_010_000, attempts: 1 });
+    expect(row).toMatchObject({ state: "scheduled", run_at: 1_010_000, attempts: 1 });
 
     now += 10_000;
     expect(await drain(database, { tasks: [task], logger })).toMatchObject({ succeeded: 1 });

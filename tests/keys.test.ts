@@ -156,10 +156,10 @@ describe("perform() with a key", () => {
     const second = await perform(task, null, { key: "k", delay: "1h" });
 
     await expect(retry(database, first)).rejects.toThrow(
-      `Cannot retry task "${first}": task "${second}" with the same name and key is pending or running`,
+      `Cannot retry task "${first}": task "${second}" with the same name and key is scheduled, pending or running`,
     );
     const rows = await taskRows(database);
-    expect(rows.map((row) => row.state)).toEqual(["cancelled", "pending"]);
+    expect(rows.map((row) => row.state)).toEqual(["cancelled", "scheduled"]);
   });
 });
 

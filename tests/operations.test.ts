@@ -300,7 +300,7 @@ describe("retry()", () => {
       'Cannot retry task "missing": no task has this id',
     );
     await expect(retry(database, id)).rejects.toThrow(
-      `Cannot retry task "${id}": it is pending, and only failed or cancelled tasks can be retried`,
+      `Cannot retry task "${id}": it is scheduled, and only failed or cancelled tasks can be retried`,
     );
   });
 });
@@ -329,7 +329,7 @@ describe("retryFailed()", () => {
     expect(await retryFailed(database)).toEqual({ retried: 1, skipped: 1 });
     expect((await rowOf(database, "old")).state).toBe("failed");
     expect((await rowOf(database, "free")).state).toBe("pending");
-    expect((await rowOf(database, live)).state).toBe("pending");
+    expect((await rowOf(database, live)).state).toBe("scheduled");
   });
 
   test("wakes a runner of the task", async () => {
@@ -430,7 +430,8 @@ describe("stats()", () => {
     expect(result.tasks).toEqual([
       {
         name: "mail",
-        pending: 3,
+        scheduled: 1,
+        pending: 2,
         running: 0,
         completed: 0,
         failed: 0,
@@ -439,7 +440,8 @@ describe("stats()", () => {
       },
       {
         name: "report",
-        pending: 1,
+        scheduled: 1,
+        pending: 0,
         running: 0,
         completed: 0,
         failed: 1,
@@ -448,7 +450,8 @@ describe("stats()", () => {
       },
     ]);
     expect(result.totals).toEqual({
-      pending: 4,
+      scheduled: 2,
+      pending: 2,
       running: 0,
       completed: 0,
       failed: 1,
@@ -462,6 +465,7 @@ describe("stats()", () => {
     expect(await stats(database)).toEqual({
       tasks: [],
       totals: {
+        scheduled: 0,
         pending: 0,
         running: 0,
         completed: 0,
@@ -488,7 +492,7 @@ describe("listTasks()", () => {
     expect(tasks[0]).toEqual({
       id: second,
       name: "mail",
-      state: "pending",
+      state: "scheduled",
       data: undefined,
       key: "k",
       priority: 2,

@@ -163,6 +163,42 @@ describe("runTasks()", () => {
     ]);
   });
 
+  test("a delayed task waits as scheduled, then runs before lower-priority due tasks", async () => {
+    const database = open();
+    const order: string[] = [];
+    const task = defineDatabaseTask<string>(database, {
+      name: "waits",
+      batchSize: 1,
+      async process({ data }) {
+        order.push(data);
+        await sleep(30);
+      },
+    });
+    // A backlog of higher-priority rows that are not due does not hold up the due ones.
+    await performMany(task, Array.from({ length: 50 }, (_, index) => `later-${index}`), {
+      priority: 10,
+      delay: "1h",
+    });
+    await perform(task, "soon", { priority: 5, delay: 100 });
+    await performMany(task, ["due-1", "due-2", "due-3", "due-4", "due-5"]);
+    expect(await countByState(database)).toEqual({ scheduled: 51, pending: 5 });
+    await start([task]);
+
+    await waitFor(() => order.length === 6, { timeout: 3_000 });
+    expect(order[0]).toBe("due-1");
+    // Once due, "soon" becomes pending and its priority puts it ahead of the other due rows.
+    expect(order.indexOf("soon")).toBeLessThan(5);
+    expect(order.filter((data) => data.startsWith("due-"))).toEqual([
+      "due-1",
+      "due-2",
+      "due-3",
+      "due-4",
+      "due-5",
+    ]);
+    await waitFor(async () => (await countByState(database)).running === undefined);
+    expect(await countByState(database)).toEqual({ scheduled: 50 });
+  });
+
   test("a delayed task runs at its due time, not at the poll interval", async () => {
     const database = open();
     const started: number[] = [];
@@ -279,7 +315,7 @@ describe("runTasks()", () => {
       const rows = await taskRows(database);
       return rows[0]?.failed_nr === 1 ? rows : undefined;
     });
-    expect(row.state).toBe("pending");
+    expect(row.state).toBe("scheduled");
     expect(row.attempts).toBe(1);
     expect(row.failed_error).toStartWith("Error: smtp unavailable\n");
     expect(row.failed_error).toContain("runner.test.ts");
