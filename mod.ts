@@ -2012,6 +2012,11 @@ class TaskRunner {
     const attempt = new Attempt(row, token, now, now + this.#task.timeout);
     this.#inFlight.set(row.id, attempt);
     this.#deadlines.push(attempt);
+    // The deadline timer only fires at the head's deadline, so finished attempts are dropped
+    // here too: otherwise a long timeout keeps every attempt of a busy runner in memory.
+    if (this.#deadlines.length > 2 * this.#task.batchSize + 64) {
+      this.#deadlines = this.#deadlines.filter((pending) => !pending.settled);
+    }
     if (this.#deadlineTimer === undefined) this.#armDeadline();
     if (this.#heartbeatTimer === undefined) this.#startHeartbeat();
     if (this.#debug) {
