@@ -55,12 +55,12 @@ const samples: Metric = {
   digits: 0,
 };
 
-/** The variants of every scenario, at full size or at the small size of `--quick`. */
+/** Lists the variants of every scenario, at full size or at the small size of `--quick`. */
 export function variants(quick: boolean, repetitions: number): Variant[] {
   const size = (full: number, small: number) => (quick ? small : full);
   // Seconds after which a throughput run stops and reports the rate over what it finished, so a
   // queue that runs hundreds of tasks per second does not hold up the run for minutes.
-  const limit = size(10, 5);
+  const limit = size(6, 5);
   const list: Array<Omit<Variant, "repetitions"> & { repetitions?: number }> = [
     {
       id: "perform-awaited",
@@ -127,7 +127,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
       section: "4. Latency",
       title: "perform() to the start of process(), same process, idle queue",
       scenario: "latency-same",
-      params: { samples: size(500, 5), budget: size(10_000, 300) },
+      params: { samples: size(200, 5), budget: size(4_000, 300) },
       metrics: [p99, p50, samples],
       floor: false,
       multiProcess: false,
@@ -138,7 +138,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
       title:
         "perform() to the start of process(), worker in another process, idle queue",
       scenario: "latency-process",
-      params: { samples: size(500, 5), budget: size(10_000, 300) },
+      params: { samples: size(200, 5), budget: size(4_000, 300) },
       metrics: [p99, p50, samples],
       floor: false,
       multiProcess: true,
@@ -149,10 +149,10 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
       title: "Lateness of tasks delayed by 50 ms, one enqueued every 10 ms",
       scenario: "latency-delayed",
       params: {
-        samples: size(500, 5),
+        samples: size(200, 5),
         delay: 50,
         interval: 10,
-        budget: size(10_000, 300),
+        budget: size(4_000, 300),
       },
       metrics: [p99, p50, samples],
       floor: false,
@@ -174,7 +174,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
       }],
       floor: true,
       multiProcess: false,
-      repetitions: waiting > 1_000 ? Math.min(repetitions, 3) : undefined,
+      repetitions: waiting > 1_000 ? 1 : undefined,
     })),
     {
       id: "memory",
@@ -189,7 +189,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
         tasks: size(1_000_000, 2_000),
         warmup: size(10_000, 200),
         batch: 100,
-        limit: size(120, 10),
+        limit: size(60, 10),
       },
       metrics: [
         { key: "growth", label: "growth %", better: "lower", digits: 1 },
@@ -198,7 +198,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
       ],
       floor: true,
       multiProcess: false,
-      repetitions: Math.min(repetitions, 2),
+      repetitions: 1,
     },
     {
       id: "idle-cpu",
@@ -216,7 +216,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
       }],
       floor: false,
       multiProcess: false,
-      repetitions: Math.min(repetitions, 3),
+      repetitions: Math.min(repetitions, 2),
     },
   ];
   return list.map((variant) => ({

@@ -46,7 +46,7 @@ const allQueues = ["tasklite", "floor", "plainjob", "liteque", "bunqueue"];
 function parseArguments(args: string[]): Options {
   const options: Options = {
     quick: false,
-    repetitions: 5,
+    repetitions: 2,
     runtimes: ["node", "bun", "deno"],
     queues: allQueues,
     scenarios: [],
@@ -93,7 +93,7 @@ function parseArguments(args: string[]): Options {
   return options;
 }
 
-/** Why a queue does not run a scenario on a runtime, or undefined when it does. */
+/** Returns why a queue does not run a scenario on a runtime, or undefined when it does. */
 function unsupported(
   queue: string,
   runtime: Runtime,
@@ -328,7 +328,7 @@ async function main(): Promise<void> {
             } (${seconds} s): ${summary}`,
           );
           if (result.error !== undefined) {
-            // A queue that failed once fails the same way again; its first error is reported.
+            // A queue that failed once fails the same way again, so only its first error is reported.
             failed.add(queue);
             if (queue === "tasklite" || queue === "floor") harnessFailed = true;
           }

@@ -29,14 +29,18 @@ const mebibyte = 1024 * 1024;
  */
 class Progress {
   count = 0;
-  readonly #waiters: Array<{ target: number; resolve(time: number): void }> =
-    [];
+  readonly #waiters: Array<
+    { target: number; deadline: number; resolve(time: number): void }
+  > = [];
 
+  // The handler checks the time limit itself: a worker loop that never waits for I/O, such as
+  // plainjob's or the floor's on a full queue, keeps timers from firing until it runs dry.
   readonly handler: Handler = () => {
     this.count++;
+    const now = Date.now();
     for (let index = 0; index < this.#waiters.length; index++) {
       const waiter = this.#waiters[index];
-      if (this.count >= waiter.target) {
+      if (this.count >= waiter.target || now > waiter.deadline) {
         this.#waiters.splice(index--, 1);
         waiter.resolve(wallClock());
       }
@@ -74,6 +78,7 @@ class Progress {
       }, 20);
       this.#waiters.push({
         target,
+        deadline: begin + limit,
         resolve: (time) => {
           clearInterval(watchdog);
           resolve(time);
