@@ -288,7 +288,9 @@ async function drainProcesses(
       if (failed) throw failed.error;
       done = children.reduce((sum, child) => sum + child.count, 0);
       end = wallClock();
-      if (done >= tasks || Date.now() > deadline) break;
+      // A worker loop that never waits for I/O, such as plainjob's on a full queue, reports its
+      // count only when the queue runs dry, so the limit applies once counts arrive.
+      if (done >= tasks || (Date.now() > deadline && done > 0)) break;
       await sleep(5);
     }
     const stopped = children.map((child) => child.next("stopped", 60_000));
