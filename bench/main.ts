@@ -281,7 +281,9 @@ async function main(): Promise<void> {
   const options = parseArguments(process.argv.slice(2));
   const started = Date.now();
   // The floor and tasklite need only the root package's dependencies.
-  if (options.queues.some((queue) => queue !== "tasklite" && queue !== "floor")) installPeers();
+  if (
+    options.queues.some((queue) => queue !== "tasklite" && queue !== "floor")
+  ) installPeers();
   if (options.runtimes.includes("node")) compileForNode();
 
   const machine = describeMachine(options.runtimes);
