@@ -2414,6 +2414,9 @@ class TaskDatabase implements Database {
     if (!this.#shared || this.#watchTimer !== undefined || this.#closed) return;
     this.#watchTimer = setInterval(() => this.#checkDataVersion(), this.#watchInterval);
     unrefTimer(this.#watchTimer);
+    // Read the first version now, before the runner's first claim: a commit between that claim
+    // and a later first read would set the baseline without waking the runner.
+    void this.#checkDataVersion();
   }
 
   #stopWatching(): void {
