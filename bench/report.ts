@@ -34,7 +34,18 @@ const runtimeNames: Record<string, string> = {
   bun: "Bun",
   deno: "Deno",
 };
-const queueOrder = ["tasklite", "floor", "plainjob", "liteque", "bunqueue"];
+const queueOrder = [
+  "tasklite",
+  "floor",
+  "floor-table",
+  "plainjob",
+  "liteque",
+  "bunqueue",
+];
+const queueNames: Record<string, string> = {
+  floor: "floor (raw driver)",
+  "floor-table": "floor on tasklite's table",
+};
 
 function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
@@ -130,7 +141,7 @@ export function formatReport(results: Results, variants: Variant[]): string {
         if (mine.length === 0) continue;
         const cells = [
           runtimeNames[runtime],
-          queue === "floor" ? "floor (raw driver)" : queue,
+          queueNames[queue] ?? queue,
         ];
         const failure = mine.find((run) => run.error !== undefined || run.skipped !== undefined);
         const measured = mine.filter((run) => run.metrics !== undefined);

@@ -11,6 +11,7 @@ import type { Queue, System } from "./systems/types.ts";
 const systems: Record<string, () => Promise<System>> = {
   tasklite: () => import("./systems/tasklite.ts").then((module) => module.tasklite),
   floor: () => import("./systems/floor.ts").then((module) => module.floor),
+  "floor-table": () => import("./systems/floor-table.ts").then((module) => module.floorTable),
   plainjob: () => import("./systems/plainjob.ts").then((module) => module.plainjob),
   liteque: () => import("./systems/liteque.ts").then((module) => module.liteque),
   bunqueue: () => import("./systems/bunqueue.ts").then((module) => module.bunqueue),
