@@ -3106,8 +3106,15 @@ function isTransaction(value: unknown): value is Transaction {
     );
 }
 
+/** The parsed form of no options, computed once: most calls of `perform` pass none. */
+let defaultPerformOptions: ParsedPerformOptions | undefined;
+
 function parsePerformOptions(options: PerformOptions | undefined): ParsedPerformOptions {
-  const parsed = parseOptions(performOptionsSchema, options ?? {}, "perform()");
+  if (options === undefined) {
+    defaultPerformOptions ??= parseOptions(performOptionsSchema, {}, "perform()");
+    return defaultPerformOptions;
+  }
+  const parsed = parseOptions(performOptionsSchema, options, "perform()");
   if (parsed.delay !== undefined && parsed.runAt !== undefined) {
     throw new TypeError(
       `Invalid perform() options: pass either "delay" or "runAt", not both (received delay ${
