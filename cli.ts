@@ -492,7 +492,7 @@ function formatAge(milliseconds: number): string {
   return `${+(milliseconds / 86_400_000).toFixed(1)} d`;
 }
 
-/** The first line of `text`, cut to `maximum` characters with an ellipsis. */
+/** Returns the first line of `text`, cut to `maximum` characters with an ellipsis. */
 function firstLine(text: string, maximum: number): string {
   const line = text.split("\n", 1)[0];
   return line.length > maximum ? `${line.slice(0, maximum - 1)}…` : line;

@@ -739,7 +739,7 @@ export interface ScheduleInfo {
   readonly catchUp: CatchUp;
   /** The catch-up limit, set only with `catchUp: "all"`. */
   readonly maxCatchUp?: number;
-  /** Whether ticks are enqueued while the previous run is pending or running. */
+  /** Whether ticks are enqueued while the previous run still waits or runs. */
   readonly overlap: boolean;
   /**
    * The latest tick that a scheduler handled: enqueued, or skipped by the catch-up or overlap
@@ -1191,7 +1191,7 @@ function logText(error: Error): string {
  * - `running`: claimed by the runner named in `locked_by` until `locked_until`. Only a claim
  *   moves a row here. The runner that holds the lease deletes the row after a success, or
  *   moves it to `completed`, `failed` or back to `pending`. `cancel` sets `cancelled_at` on a
- *   running row, and the runner that holds it aborts the attempt and moves it to `cancelled`.
+ *   running row, and the runner that has its lease aborts the attempt and moves it to `cancelled`.
  * - `completed`: succeeded, kept because the task's `keepCompleted` is above zero. The runner
  *   sets `finished_at`.
  * - `failed`: the last attempt failed, or the stored data could not be decoded. The row keeps
@@ -1351,9 +1351,9 @@ const sql = {
   // materialised before the update, so the rows are chosen and locked atomically. RETURNING
   // lists the rows in rowid order, not in claim order; the attempts of one claim start
   // together, so their order does not matter. Each row comes back as one JSON array
-  // [id, attempts, scheduled_for, data]: @libsql/client 0.18 defines a property per returned
-  // column, and four columns cost 8.6 microseconds per row under Node.js 20 where one JSON
-  // column and JSON.parse cost 4.1 (the same, 2 microseconds, under Bun).
+  // [id, attempts, scheduled_for, data], because @libsql/client 0.18 defines a property per
+  // returned column. Four columns cost 8.6 microseconds per row under Node.js 20, and one JSON
+  // column with JSON.parse costs 4.1. Under Bun both cost 2.
   claim: `UPDATE tasks
     SET state = 'running', attempts = attempts + 1, locked_until = ?1, locked_by = ?2
     WHERE rowid IN (
@@ -1484,7 +1484,7 @@ const sql = {
     WHERE name = ?2 AND revision = ?3 AND last_fired_at IS ?4`,
   // Runs in the transaction of advanceSchedule, right after it, and inserts only when that
   // update changed the row (changes() = 1). Each element of the JSON array is [id, tick, key].
-  // With overlap off (?6 = 0), it inserts nothing while a run of the schedule is pending or
+  // With overlap off (?6 = 0), it inserts nothing while a run of the schedule is waiting or
   // running. A live row with the same key makes the insert of that tick a no-op.
   insertOccurrences: `INSERT INTO tasks
       (id, name, data, created, run_at, priority, state, key, schedule, scheduled_for)
@@ -1738,7 +1738,7 @@ class SqliteStorage {
 
   /**
    * Inserts a row with a deduplication key unless a live row of the same name has the key.
-   * With `replace`, such a row gets the new row's data, due time and priority while pending.
+   * With `replace`, such a row gets the new row's data, due time and priority while it waits.
    */
   async insertKeyed(
     row: NewTaskRow,
@@ -2075,7 +2075,7 @@ class SqliteStorage {
 
   /**
    * Moves a failed or cancelled row back to pending. When nothing moved, returns the row's
-   * state, and the id of the live row that holds its key if there is one.
+   * state, and the id of the live row that has its key if there is one.
    */
   async retry(id: string, now: number): Promise<
     { retried: true; name: string } | {
@@ -2101,7 +2101,7 @@ class SqliteStorage {
 
   /**
    * Moves every failed row, or those of one task, back to pending. Returns how many moved and
-   * how many stayed failed because a live row holds their key.
+   * how many stayed failed because a live row has their key.
    */
   async retryFailed(
     name: string | undefined,
@@ -2505,7 +2505,7 @@ class TaskDatabase implements Database {
 
   /**
    * Stops using the connection when its file was deleted or replaced, because SQLite would go on
-   * writing to the old file where no other process sees the rows. A replaced file, or a file
+   * writing to the old file where no other process reads the rows. A replaced file, or a file
    * that appears again after a deletion, is reopened and migrated.
    */
   async #checkFile(file: DatabaseFile): Promise<void> {
@@ -2586,7 +2586,7 @@ class DatabaseFile {
     try {
       current = fileIdentity(this.path);
     } catch {
-      // A file that cannot be read now (permissions, I/O) tells nothing about its identity.
+      // A file that cannot be read now (permissions, I/O) says nothing about its identity.
       return undefined;
     }
     if (current === undefined) {
@@ -2749,7 +2749,7 @@ export function openDatabase(
   }
 
   // The native driver aborts the whole process on a NUL byte in a path, so reject control
-  // characters before it sees them.
+  // characters before it gets them.
   if (/\p{Cc}/u.test(url)) {
     throw new TypeError(
       `Invalid database URL ${JSON.stringify(url)}: it contains a control character; ` +
@@ -3181,7 +3181,7 @@ const maxIdSequence = 2 ** 26;
 /**
  * Creates a UUID version 7 whose ids increase within this process: 48 bits of milliseconds, a
  * 26-bit sequence number, then 48 random bits. The sequence starts at a random value in each
- * millisecond and counts up, as RFC 9562 (section 6.2, method 2) allows; when it runs out, the
+ * millisecond and counts up, as RFC 9562 (section 6.2, method 2) allows. When it runs out, the
  * millisecond moves one ahead. So a batch of rows lands at the end of the primary key index,
  * side by side: with random bits in place of the sequence, each deleted row of a batch wrote
  * its own index page, and deletes took twice as long (26 against 14 microseconds per row at
@@ -3685,8 +3685,8 @@ class TaskRunner {
 
   /**
    * Renews this runner's own leases before looking for expired ones. After the event loop was
-   * blocked for longer than a lease, the poll and the heartbeat are both overdue; renewing
-   * first keeps the runner from rescuing, and running twice, an attempt that is still alive.
+   * blocked for longer than a lease, the poll and the heartbeat are both overdue. Renewing
+   * first keeps the runner from rescuing an attempt that is still alive and running it twice.
    */
   async #renewThenRescue(): Promise<void> {
     if (this.#inFlight.size > 0) await this.#renewLeases();
@@ -5373,7 +5373,7 @@ class CronScheduler {
       const tick = new Date(plan.enqueue[plan.enqueue.length - 1]).toISOString();
       this.#log.info(
         `Schedule "${schedule.name}": skipped the tick at ${tick} because its previous run is ` +
-          `still pending or running (overlap is off)`,
+          `still waiting or running (overlap is off)`,
         fields,
       );
     }
@@ -6047,8 +6047,9 @@ const taskStates: ReadonlyArray<TaskState> = [
 ];
 
 /**
- * What {@linkcode cancel} did: `"cancelled"` when the task is now `cancelled`, `"cancelling"`
- * when it is running and its runner aborts the attempt and then moves it to `cancelled`.
+ * The outcome of {@linkcode cancel}: `"cancelled"` when the task is now `cancelled`,
+ * `"cancelling"` when it is running and its runner aborts the attempt and then moves it to
+ * `cancelled`.
  */
 export type CancelResult = "cancelled" | "cancelling";
 
@@ -6058,12 +6059,12 @@ export interface RetryFailedOptions {
   name?: string;
 }
 
-/** What {@linkcode retryFailed} resolves to. */
+/** The counts that {@linkcode retryFailed} resolves to. */
 export interface RetryFailedResult {
   /** The number of failed tasks that became pending. */
   readonly retried: number;
   /**
-   * The number of failed tasks left failed because a pending or running task of the same name
+   * The number of failed tasks left failed because a waiting or running task of the same name
    * holds their `key`.
    */
   readonly skipped: number;
@@ -6101,12 +6102,12 @@ export interface TaskStats extends StateCounts {
   readonly name: string;
   /**
    * Milliseconds that the longest-waiting due task has been due (now minus its `run_at`), or
-   * `null` when no pending task is due. A growing value means the runners fall behind.
+   * `null` when no task is due. A growing value means the runners fall behind.
    */
   readonly oldestPendingAge: number | null;
 }
 
-/** What {@linkcode stats} resolves to. */
+/** The counts that {@linkcode stats} resolves to. */
 export interface QueueStats {
   /** One entry per task name that has rows, sorted by name. */
   readonly tasks: TaskStats[];
@@ -6161,7 +6162,7 @@ export interface TaskInfo {
   readonly lastError: string | null;
   /** When the last attempt failed, or `null`. */
   readonly lastFailedAt: Date | null;
-  /** When the task reached an end state, or `null` while it is pending or running. */
+  /** When the task reached an end state, or `null` while it waits or runs. */
   readonly finishedAt: Date | null;
   /** When {@linkcode cancel} was called on the task, or `null`. */
   readonly cancelRequestedAt: Date | null;
@@ -6204,11 +6205,11 @@ function wakeRunners(database: TaskDatabase, name: string | undefined, runAt: nu
 }
 
 /**
- * Cancels a task. A pending task becomes `cancelled` at once. A running task's runner fires the
- * attempt's `signal` (an `AbortError`) and then moves it to `cancelled`: a runner in this
- * process does so at once, a runner in another process when it next renews its lease (every
- * third of the task's `lease`). If the attempt ends first, its result stands, except that a
- * failed attempt is not retried. Cancelling a cancelled task does nothing.
+ * Cancels a task. A waiting (scheduled or pending) task becomes `cancelled` at once. A running
+ * task's runner fires the attempt's `signal` (an `AbortError`) and then moves it to
+ * `cancelled`: a runner in this process does so at once, a runner in another process when it
+ * next renews its lease (every third of the task's `lease`). If the attempt ends first, its
+ * result is kept, except that a failed attempt is not retried. Cancelling a cancelled task does nothing.
  *
  * @param database The database from {@linkcode openDatabase}.
  * @param id The task's id.
@@ -6296,7 +6297,7 @@ export async function retry(database: Database, id: string): Promise<void> {
 
 /**
  * Moves every `failed` task, or those of one task name, back to `pending`, due now, with a
- * fresh attempt budget. A failed task whose key a pending or running task holds stays failed
+ * fresh attempt budget. A failed task whose key a waiting or running task holds stays failed
  * and is counted in `skipped`.
  *
  * @param database The database from {@linkcode openDatabase}.
@@ -6481,14 +6482,14 @@ export interface DrainOptions {
    */
   now?: Date | number;
   /**
-   * Where log lines go, as in {@linkcode RunTasksOptions}.
+   * The logger that receives log lines, as in {@linkcode RunTasksOptions}.
    *
    * @default {console}
    */
   logger?: Logger;
 }
 
-/** What {@linkcode drain} resolves to: the number of results of each kind. */
+/** The number of results of each kind that {@linkcode drain} resolves to. */
 export interface DrainResult {
   /** Attempts that succeeded. */
   readonly succeeded: number;

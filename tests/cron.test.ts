@@ -595,7 +595,7 @@ describe("overlap", () => {
     expect(await runner.scheduler.runOnce()).toEqual([]);
     expect(logger.messages("info")).toContain(
       'Schedule "held": skipped the tick at 2026-01-05T08:01:00.000Z because its previous run ' +
-        "is still pending or running (overlap is off)",
+        "is still waiting or running (overlap is off)",
     );
 
     release();
