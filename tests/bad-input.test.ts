@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import * as v from "valibot";
@@ -8,20 +8,13 @@ import {
   openDatabase,
   perform,
   performMany,
-  type Runner,
   runTasks,
   type Task,
   TaskDataError,
 } from "../mod.ts";
-import { captureLogger, taskRows, temporaryDirectory, waitFor } from "./helpers.ts";
+import { captureLogger, taskRows, temporaryDirectory, useResources, waitFor } from "./helpers.ts";
 
-const runners: Runner[] = [];
-const databases: Database[] = [];
-
-afterEach(async () => {
-  for (const runner of runners.splice(0)) await runner.stop({ timeout: 100 });
-  for (const database of databases.splice(0)) database.close();
-});
+const { keep } = useResources();
 
 interface Context {
   database: Database;
@@ -36,7 +29,7 @@ interface Context {
 async function setup(): Promise<Context> {
   const directory = temporaryDirectory();
   const database = openDatabase(`file:${join(directory, "tasks.db")}`);
-  databases.push(database);
+  keep(database);
   const mail = defineDatabaseTask(database, {
     name: "mail",
     schema: v.object({ email: v.pipe(v.string(), v.email()) }),
@@ -251,7 +244,7 @@ describe("bad input", () => {
   test("runner.stop() timeout that is not a duration", async () => {
     const { database, mail } = await setup();
     const runner = await runTasks([mail], { logger: captureLogger() });
-    runners.push(runner);
+    keep(runner);
     expect(() => runner.stop({ timeout: loose("never") })).toThrow(TypeError);
     expect(() => runner.stop({ timeout: loose("never") })).toThrow(
       'Invalid stop() option "timeout": expected a duration',
@@ -287,7 +280,7 @@ describe("bad stored rows", () => {
     await insertRow(database, "bad-1", "mail", data);
     await perform(mail, { email: "grace@example.com" });
     const logger = captureLogger();
-    runners.push(await runTasks([mail], { logger }));
+    keep(await runTasks([mail], { logger }));
 
     // The good rows before and after it still run.
     await waitFor(async () => (await taskRows(database)).length === 1);
@@ -303,7 +296,7 @@ describe("bad stored rows", () => {
     await insertRow(database, "ghost-1", "ghost", "{}");
     await insertRow(database, "ghost-2", "ghost", "{}");
     const logger = captureLogger();
-    runners.push(await runTasks([mail], { logger }));
+    keep(await runTasks([mail], { logger }));
 
     await waitFor(async () => (await taskRows(database)).length === 2);
     const rows = await taskRows(database);

@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { type Client, createClient } from "@libsql/client";
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
@@ -9,7 +9,6 @@ import {
   listSchedules,
   openDatabase,
   perform,
-  type Runner,
   runTasks,
   schedule,
   type ScheduleOptions,
@@ -17,17 +16,10 @@ import {
   TaskDataError,
   unschedule,
 } from "../mod.ts";
-import { captureLogger, taskRows, temporaryDatabaseUrl, waitFor } from "./helpers.ts";
+import { captureLogger, taskRows, temporaryDatabaseUrl, useResources, waitFor } from "./helpers.ts";
 import { dstCases, type DstResult, runDstCase } from "./fixtures/dst-matrix.ts";
 
-// Every test registers what it opens and starts, so a failing test still cleans up.
-const runners: Runner[] = [];
-const databases: Database[] = [];
-
-afterEach(async () => {
-  for (const runner of runners.splice(0)) await runner.stop({ timeout: 100 });
-  for (const database of databases.splice(0)) database.close();
-});
+const { open: openTracked, start, keep } = useResources();
 
 /** A clock that tests move by hand. */
 interface Clock {
@@ -39,15 +31,7 @@ function clockAt(iso: string): Clock {
 }
 
 function open(clock: Clock, url: string | Client = temporaryDatabaseUrl()): Database {
-  const database = openDatabase(url, { now: () => clock.now });
-  databases.push(database);
-  return database;
-}
-
-async function start(...args: Parameters<typeof runTasks>): Promise<Runner> {
-  const runner = await runTasks(args[0], { logger: captureLogger(), ...args[1] });
-  runners.push(runner);
-  return runner;
+  return openTracked(url, { now: () => clock.now });
 }
 
 async function storedSchedules(database: Database): Promise<Array<Record<string, unknown>>> {
@@ -384,7 +368,7 @@ describe("scheduler", () => {
 
   test("enqueues by timer a schedule stored after start", async () => {
     const database = openDatabase(temporaryDatabaseUrl());
-    databases.push(database);
+    keep(database);
     const runs: Array<{ scheduledFor: number; startedAt: number }> = [];
     const task = defineDatabaseTask(database, {
       name: "every-second",
@@ -789,7 +773,7 @@ describe("exactly once", () => {
     async () => {
       const url = temporaryDatabaseUrl();
       const setup = openDatabase(url);
-      databases.push(setup);
+      keep(setup);
       await setup.ready();
       await setup.client.execute("CREATE TABLE runs (scheduled_for INTEGER, pid INTEGER)");
 

@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { spawn } from "node:child_process";
 import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
@@ -11,7 +11,6 @@ import {
   type Duration,
   openDatabase,
   perform,
-  type Runner,
   runTasks,
   type TaskDefinition,
 } from "../mod.ts";
@@ -20,6 +19,7 @@ import {
   taskRows,
   temporaryDatabaseUrl,
   temporaryDirectory,
+  useResources,
   waitFor,
 } from "./helpers.ts";
 
@@ -28,28 +28,7 @@ setDefaultTimeout(20_000);
 
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
 
-const runners: Runner[] = [];
-const databases: Database[] = [];
-
-afterEach(async () => {
-  for (const runner of runners.splice(0)) await runner.stop({ timeout: 100 });
-  for (const database of databases.splice(0)) database.close();
-});
-
-function open(
-  url: Parameters<typeof openDatabase>[0] = temporaryDatabaseUrl(),
-  options?: Parameters<typeof openDatabase>[1],
-) {
-  const database = openDatabase(url, options);
-  databases.push(database);
-  return database;
-}
-
-async function start(...args: Parameters<typeof runTasks>): Promise<Runner> {
-  const runner = await runTasks(args[0], { logger: captureLogger(), ...args[1] });
-  runners.push(runner);
-  return runner;
-}
+const { open, start } = useResources();
 
 describe("database faults", () => {
   test("unwritten result keeps its lease", async () => {

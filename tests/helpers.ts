@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach } from "bun:test";
+import type { Client } from "@libsql/client";
 import {
   type Database,
   type DatabaseOptions,
@@ -152,11 +153,13 @@ export function killChildRunners(): void {
 /**
  * Returns `open` and `start` functions whose databases and runners are closed and stopped
  * after each test of the calling file, together with its child runners, so that a failing test
- * still cleans up. Call it at the top level of a test file.
+ * still cleans up, and `keep`, which does the same for a database or runner made elsewhere.
+ * Call it at the top level of a test file.
  */
 export function useResources(): {
-  open(url?: string, options?: DatabaseOptions): Database;
+  open(url?: string | Client, options?: DatabaseOptions): Database;
   start(...args: Parameters<typeof runTasks>): Promise<Runner>;
+  keep<T extends Database | Runner>(resource: T): T;
 } {
   const runners: Runner[] = [];
   const databases: Database[] = [];
@@ -165,16 +168,18 @@ export function useResources(): {
     for (const runner of runners.splice(0)) await runner.stop({ timeout: 100 });
     for (const database of databases.splice(0)) database.close();
   });
+  const keep = <T extends Database | Runner>(resource: T): T => {
+    if ("stop" in resource) runners.push(resource);
+    else databases.push(resource);
+    return resource;
+  };
   return {
     open(url = temporaryDatabaseUrl(), options = {}) {
-      const database = openDatabase(url, options);
-      databases.push(database);
-      return database;
+      return keep(openDatabase(url, options));
     },
     async start(tasks, options) {
-      const runner = await runTasks(tasks, { logger: captureLogger(), ...options });
-      runners.push(runner);
-      return runner;
+      return keep(await runTasks(tasks, { logger: captureLogger(), ...options }));
     },
+    keep,
   };
 }

@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
 import * as v from "valibot";
 import {
@@ -7,34 +7,21 @@ import {
   openDatabase,
   perform,
   performMany,
-  type Runner,
   runTasks,
   type TaskContext,
 } from "../mod.ts";
-import { captureLogger, countByState, taskRows, temporaryDatabaseUrl, waitFor } from "./helpers.ts";
+import {
+  captureLogger,
+  countByState,
+  taskRows,
+  temporaryDatabaseUrl,
+  useResources,
+  waitFor,
+} from "./helpers.ts";
 
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
 
-// Every test registers what it opens and starts, so a failing test still cleans up.
-const runners: Runner[] = [];
-const databases: Database[] = [];
-
-afterEach(async () => {
-  for (const runner of runners.splice(0)) await runner.stop({ timeout: 100 });
-  for (const database of databases.splice(0)) database.close();
-});
-
-function open(url = temporaryDatabaseUrl()): Database {
-  const database = openDatabase(url);
-  databases.push(database);
-  return database;
-}
-
-async function start(...args: Parameters<typeof runTasks>): Promise<Runner> {
-  const runner = await runTasks(args[0], { logger: captureLogger(), ...args[1] });
-  runners.push(runner);
-  return runner;
-}
+const { open, start, keep } = useResources();
 
 describe("runTasks()", () => {
   test("runs a performed task, calls success, and deletes the row", async () => {
@@ -267,7 +254,7 @@ describe("runTasks()", () => {
 
     // A second client on the same file, as another process would have: only data_version tells.
     const other = openDatabase(createClient({ url, timeout: 5_000 }));
-    databases.push(other);
+    keep(other);
     const otherTask = defineDatabaseTask(other, { name: "elsewhere", process() {} });
     await perform(otherTask, null);
 
@@ -946,7 +933,7 @@ describe("runTasks() edge cases", () => {
   test("a timeout fires on time when the injected clock steps back", async () => {
     let offset = 0;
     const database = openDatabase(temporaryDatabaseUrl(), { now: () => Date.now() + offset });
-    databases.push(database);
+    keep(database);
     const reasons: string[] = [];
     const task = defineDatabaseTask(database, {
       name: "clock-step",
