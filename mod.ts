@@ -495,7 +495,23 @@ export interface PerformOptions {
   transaction?: Transaction;
 }
 
-/** The result of {@linkcode performDetailed}. */
+/**
+ * The result of {@linkcode performDetailed}.
+ *
+ * @example Learn whether a keyed perform created a task
+ * ```ts
+ * import { defineDatabaseTask, openDatabase, performDetailed } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const invoice = defineDatabaseTask<{ orderId: number }>(database, {
+ *   name: "send-invoice",
+ *   process() {},
+ * });
+ *
+ * const result = await performDetailed(invoice, { orderId: 42 }, { key: "order-42" });
+ * if (result.status === "duplicate") console.log(`task ${result.id} already covers order 42`);
+ * ```
+ */
 export interface PerformResult {
   /** The id of the new task, or of the existing task on a duplicate. */
   readonly id: string;
@@ -638,10 +654,37 @@ export interface Runner {
  *   that minute does not lose it.
  * - `"latest"`: enqueue the most recent missed tick once, and skip the older ones.
  * - `"all"`: enqueue every missed tick, at most `maxCatchUp` of them (the most recent ones).
+ *
+ * @example Run each hour missed during downtime, at most the last 24
+ * ```ts
+ * import { type CatchUp, defineDatabaseTask, openDatabase, schedule } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const rollup = defineDatabaseTask(database, { name: "hourly-rollup", process() {} });
+ *
+ * const catchUp: CatchUp = "all";
+ * await schedule(rollup, "0 * * * *", undefined, { catchUp, maxCatchUp: 24 });
+ * ```
  */
 export type CatchUp = "none" | "latest" | "all";
 
-/** Options of {@linkcode schedule} and of a {@linkcode CronDefinition}. */
+/**
+ * Options of {@linkcode schedule} and of a {@linkcode CronDefinition}.
+ *
+ * @example Back up at 02:30 Berlin time, skipping a tick while a backup still runs
+ * ```ts
+ * import { defineDatabaseTask, openDatabase, schedule } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const backup = defineDatabaseTask(database, { name: "backup", process() {} });
+ *
+ * await schedule(backup, "30 2 * * *", undefined, {
+ *   name: "nightly-backup",
+ *   timezone: "Europe/Berlin",
+ *   overlap: false,
+ * });
+ * ```
+ */
 export interface ScheduleOptions {
   /**
    * The schedule's name, unique per database. Registering another pattern or other data under
@@ -686,7 +729,22 @@ export interface ScheduleOptions {
   overlap?: boolean;
 }
 
-/** A schedule carried by a {@linkcode TaskDefinition} as its `cron` option. */
+/**
+ * A schedule carried by a {@linkcode TaskDefinition} as its `cron` option.
+ *
+ * @example A weekly digest with data and a time zone
+ * ```ts
+ * import { defineDatabaseTask, openDatabase } from "tasklite";
+ *
+ * const digest = defineDatabaseTask<{ audience: string }>(openDatabase("file:app.db"), {
+ *   name: "weekly-digest",
+ *   cron: { pattern: "0 8 * * 1", data: { audience: "all" }, timezone: "America/New_York" },
+ *   async process({ data }) {
+ *     console.log(`sending the weekly digest to ${data.audience}`);
+ *   },
+ * });
+ * ```
+ */
 export interface CronDefinition<T> extends ScheduleOptions {
   /**
    * A cron pattern: five fields (minute, hour, day of month, month, day of week), optionally a
@@ -697,7 +755,21 @@ export interface CronDefinition<T> extends ScheduleOptions {
   data?: T;
 }
 
-/** A schedule registered by {@linkcode schedule}. */
+/**
+ * A schedule registered by {@linkcode schedule}.
+ *
+ * @example Print the next run, then stop enqueueing in this process
+ * ```ts
+ * import { defineDatabaseTask, openDatabase, schedule } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const sync = defineDatabaseTask(database, { name: "sync", process() {} });
+ *
+ * const handle = await schedule(sync, "0 6 * * *");
+ * console.log(`${handle.name}: next run at ${handle.nextRun()?.toISOString()}`);
+ * handle.stop();
+ * ```
+ */
 export interface ScheduleHandle {
   /** The schedule's name. */
   readonly name: string;
@@ -723,7 +795,20 @@ export interface ScheduleHandle {
   stop(): void;
 }
 
-/** A stored schedule, as {@linkcode listSchedules} returns it. */
+/**
+ * A stored schedule, as {@linkcode listSchedules} returns it.
+ *
+ * @example Show when each schedule fired last
+ * ```ts
+ * import { listSchedules, openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * for (const info of await listSchedules(database)) {
+ *   const last = info.lastFiredAt?.toISOString() ?? "never";
+ *   console.log(`${info.name} (${info.pattern}, ${info.timezone}): last fired ${last}`);
+ * }
+ * ```
+ */
 export interface ScheduleInfo {
   /** The schedule's name. */
   readonly name: string;
@@ -752,7 +837,24 @@ export interface ScheduleInfo {
   readonly fromDefinition: boolean;
 }
 
-/** A run that a scheduler enqueued for a tick. */
+/**
+ * A run that a scheduler enqueued for a tick.
+ *
+ * @example Check the run that a daily schedule enqueued
+ * ```ts
+ * import { defineDatabaseTask, openDatabase, runTasks } from "tasklite";
+ *
+ * let now = Date.parse("2025-01-01T00:00:00Z");
+ * const database = openDatabase(":memory:", { now: () => now });
+ * const report = defineDatabaseTask(database, { name: "report", cron: "0 6 * * *", process() {} });
+ *
+ * const runner = await runTasks([report]);
+ * now = Date.parse("2025-01-01T06:00:00Z");
+ * const [occurrence] = await runner.scheduler.runOnce();
+ * console.log(occurrence.schedule, occurrence.id, occurrence.scheduledFor.toISOString());
+ * await runner.stop();
+ * ```
+ */
 export interface Occurrence {
   /** The name of the schedule. */
   readonly schedule: string;
@@ -768,6 +870,20 @@ export interface Occurrence {
  * The scheduler of a {@linkcode Runner}. It sleeps until the next tick of the stored schedules
  * of the runner's tasks, then enqueues each due tick exactly once, however many processes run
  * a scheduler on the same database.
+ *
+ * @example Test a schedule with a fake clock
+ * ```ts
+ * import { defineDatabaseTask, openDatabase, runTasks } from "tasklite";
+ *
+ * let now = Date.parse("2025-01-01T00:00:00Z");
+ * const database = openDatabase(":memory:", { now: () => now });
+ * const hourly = defineDatabaseTask(database, { name: "hourly", cron: "0 * * * *", process() {} });
+ *
+ * const runner = await runTasks([hourly]);
+ * now += 3_600_000;
+ * console.log((await runner.scheduler.runOnce()).length); // 1: the tick at 01:00
+ * await runner.stop();
+ * ```
  */
 export interface Scheduler {
   /**
@@ -4600,7 +4716,21 @@ class TaskRunner {
 // Events and retention cleanup, beside the runners
 // ---------------------------------------------------------------------------------------------
 
-/** The fields that every event of one task's attempt has. */
+/**
+ * The fields that every event of one task's attempt has.
+ *
+ * @example One listener for the start and end of each attempt
+ * ```ts
+ * import { runTasks, type TaskEventBase } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * const trace = (label: string) => (event: TaskEventBase) => {
+ *   console.log(`${label} ${event.task} ${event.id}, attempt ${event.attempt}`);
+ * };
+ * runner.on("claimed", trace("started"));
+ * runner.on("succeeded", trace("finished"));
+ * ```
+ */
 export interface TaskEventBase {
   /** The task's name. */
   readonly task: string;
@@ -4610,13 +4740,39 @@ export interface TaskEventBase {
   readonly attempt: number;
 }
 
-/** A runner claimed a due task and starts an attempt. */
+/**
+ * A runner claimed a due task and starts an attempt.
+ *
+ * @example Log each attempt as it starts
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("claimed", (event) => {
+ *   console.log(`${event.task} ${event.id}: attempt ${event.attempt} started`);
+ * });
+ * ```
+ */
 export interface ClaimedEvent extends TaskEventBase {
   /** The event type. */
   readonly type: "claimed";
 }
 
-/** An attempt succeeded and the result was recorded. */
+/**
+ * An attempt succeeded and the result was recorded.
+ *
+ * @example Report slow runs
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("succeeded", (event) => {
+ *   if (event.duration > 10_000) {
+ *     console.warn(`${event.task} ${event.id} took ${event.duration} ms`);
+ *   }
+ * });
+ * ```
+ */
 export interface SucceededEvent extends TaskEventBase {
   /** The event type. */
   readonly type: "succeeded";
@@ -4627,6 +4783,16 @@ export interface SucceededEvent extends TaskEventBase {
 /**
  * A task failed for good and its row became `failed`: its last attempt failed, its stored
  * data could not be decoded, or its lease expired with no attempts left.
+ *
+ * @example Alert on tasks that failed for good
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("failed", (event) => {
+ *   console.error(`${event.task} ${event.id} failed on attempt ${event.attempt}`, event.error);
+ * });
+ * ```
  */
 export interface FailedEvent extends TaskEventBase {
   /** The event type. */
@@ -4640,7 +4806,21 @@ export interface FailedEvent extends TaskEventBase {
   readonly error: Error;
 }
 
-/** An attempt failed, or its lease expired, and the task is due again at `runAt`. */
+/**
+ * An attempt failed, or its lease expired, and the task is due again at `runAt`.
+ *
+ * @example Log each retry with its due time
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("retried", (event) => {
+ *   const next = new Date(event.runAt).toISOString();
+ *   console.warn(`${event.task} ${event.id} attempt ${event.attempt} failed, next at ${next}`);
+ *   console.warn(event.error);
+ * });
+ * ```
+ */
 export interface RetriedEvent extends TaskEventBase {
   /** The event type. */
   readonly type: "retried";
@@ -4655,7 +4835,20 @@ export interface RetriedEvent extends TaskEventBase {
   readonly runAt: number;
 }
 
-/** A running task was cancelled with {@linkcode cancel} and its row became `cancelled`. */
+/**
+ * A running task was cancelled with {@linkcode cancel} and its row became `cancelled`.
+ *
+ * @example Confirm that a running attempt was aborted
+ * ```ts
+ * import { cancel, openDatabase, runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("cancelled", (event) => {
+ *   console.log(`${event.task} ${event.id} cancelled during attempt ${event.attempt}`);
+ * });
+ * await cancel(openDatabase("file:app.db"), "0195e3a2-7c4e-7f00-8c1a-2b3c4d5e6f70");
+ * ```
+ */
 export interface CancelledEvent extends TaskEventBase {
   /** The event type. */
   readonly type: "cancelled";
@@ -4669,6 +4862,16 @@ export interface CancelledEvent extends TaskEventBase {
 /**
  * This runner lost the lease of a running attempt, so another runner may run the task. The
  * attempt was aborted, or its result was not recorded.
+ *
+ * @example Warn that a task may run again elsewhere
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("lease-lost", (event) => {
+ *   console.warn(`${event.task} ${event.id}: lease lost after ${event.duration} ms`);
+ * });
+ * ```
  */
 export interface LeaseLostEvent extends TaskEventBase {
   /** The event type. */
@@ -4677,7 +4880,20 @@ export interface LeaseLostEvent extends TaskEventBase {
   readonly duration: number;
 }
 
-/** The runner caught an error: a database error, or an error thrown by a hook. */
+/**
+ * The runner caught an error: a database error, or an error thrown by a hook.
+ *
+ * @example Log caught errors with the task they belong to
+ * ```ts
+ * import { runTasks } from "tasklite";
+ *
+ * const runner = await runTasks("app/tasks");
+ * runner.on("error", (event) => {
+ *   const source = event.id === undefined ? event.task : `${event.task} ${event.id}`;
+ *   console.error(`${source}: ${event.error.message}`);
+ * });
+ * ```
+ */
 export interface ErrorEvent {
   /** The event type. */
   readonly type: "error";
@@ -4691,7 +4907,22 @@ export interface ErrorEvent {
   readonly error: Error;
 }
 
-/** A lifecycle event of a runner. Switch on `type` to narrow it. */
+/**
+ * A lifecycle event of a runner. Switch on `type` to narrow it.
+ *
+ * @example Count the events of each type
+ * ```ts
+ * import { runTasks, type TaskEvent } from "tasklite";
+ *
+ * const counts = new Map<TaskEvent["type"], number>();
+ * await runTasks("app/tasks", {
+ *   onEvent(event) {
+ *     counts.set(event.type, (counts.get(event.type) ?? 0) + 1);
+ *     if (event.type === "failed") console.error(`${event.task} ${event.id}`, event.error);
+ *   },
+ * });
+ * ```
+ */
 export type TaskEvent =
   | ClaimedEvent
   | SucceededEvent
@@ -6028,7 +6259,21 @@ function watchUnknownNames(
 // Operations: cancel, retry, purge, stats, listTasks
 // ---------------------------------------------------------------------------------------------
 
-/** The state of a task's row. See the README for who moves a row into each state. */
+/**
+ * The state of a task's row. See the README for who moves a row into each state.
+ *
+ * @example List the tasks that need attention
+ * ```ts
+ * import { listTasks, openDatabase, type TaskState } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const states: TaskState[] = ["failed", "cancelled"];
+ * for (const state of states) {
+ *   const tasks = await listTasks(database, { state, limit: 10 });
+ *   console.log(`${state}: ${tasks.map((task) => task.id).join(", ")}`);
+ * }
+ * ```
+ */
 export type TaskState =
   | "scheduled"
   | "pending"
@@ -6050,16 +6295,48 @@ const taskStates: ReadonlyArray<TaskState> = [
  * The outcome of {@linkcode cancel}: `"cancelled"` when the task is now `cancelled`,
  * `"cancelling"` when it is running and its runner aborts the attempt and then moves it to
  * `cancelled`.
+ *
+ * @example Tell the user whether the task has stopped yet
+ * ```ts
+ * import { cancel, type CancelResult, openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const result: CancelResult = await cancel(database, "0195e3a2-7c4e-7f00-8c1a-2b3c4d5e6f70");
+ * if (result === "cancelling") console.log("The running attempt is being aborted");
+ * ```
  */
 export type CancelResult = "cancelled" | "cancelling";
 
-/** Options of {@linkcode retryFailed}. */
+/**
+ * Options of {@linkcode retryFailed}.
+ *
+ * @example Retry the failed tasks of every name, or of one
+ * ```ts
+ * import { openDatabase, retryFailed } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * await retryFailed(database);
+ * await retryFailed(database, { name: "send-invoice" });
+ * ```
+ */
 export interface RetryFailedOptions {
   /** Retry only the failed tasks of this name. */
   name?: string;
 }
 
-/** The counts that {@linkcode retryFailed} resolves to. */
+/**
+ * The counts that {@linkcode retryFailed} resolves to.
+ *
+ * @example Report the tasks that stayed failed
+ * ```ts
+ * import { openDatabase, retryFailed } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const { retried, skipped } = await retryFailed(database, { name: "send-invoice" });
+ * console.log(`${retried} retried`);
+ * if (skipped > 0) console.warn(`${skipped} stay failed: a live task has the same key`);
+ * ```
+ */
 export interface RetryFailedResult {
   /** The number of failed tasks that became pending. */
   readonly retried: number;
@@ -6070,7 +6347,17 @@ export interface RetryFailedResult {
   readonly skipped: number;
 }
 
-/** Options of {@linkcode purge}. */
+/**
+ * Options of {@linkcode purge}.
+ *
+ * @example Delete every cancelled row of one task
+ * ```ts
+ * import { openDatabase, purge } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * await purge(database, { state: "cancelled", olderThan: 0, name: "send-invoice" });
+ * ```
+ */
 export interface PurgeOptions {
   /** The end state of the rows to delete. */
   state: "completed" | "failed" | "cancelled";
@@ -6080,7 +6367,19 @@ export interface PurgeOptions {
   name?: string;
 }
 
-/** The number of rows in each state. */
+/**
+ * The number of rows in each state.
+ *
+ * @example Print the totals
+ * ```ts
+ * import { openDatabase, type StateCounts, stats } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const waiting = (counts: StateCounts) => counts.scheduled + counts.pending;
+ * const { totals } = await stats(database);
+ * console.log(`${waiting(totals)} waiting, ${totals.running} running, ${totals.failed} failed`);
+ * ```
+ */
 export interface StateCounts {
   /** Rows waiting for a later `run_at`: a delay, a `runAt` or a retry's backoff. */
   readonly scheduled: number;
@@ -6096,7 +6395,21 @@ export interface StateCounts {
   readonly cancelled: number;
 }
 
-/** The counts of one task, in {@linkcode QueueStats}. */
+/**
+ * The counts of one task, in {@linkcode QueueStats}.
+ *
+ * @example Find the tasks whose runners fall behind
+ * ```ts
+ * import { openDatabase, stats } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * for (const task of (await stats(database)).tasks) {
+ *   if ((task.oldestPendingAge ?? 0) > 60_000) {
+ *     console.warn(`${task.name}: a task has been due for ${task.oldestPendingAge} ms`);
+ *   }
+ * }
+ * ```
+ */
 export interface TaskStats extends StateCounts {
   /** The task's name. */
   readonly name: string;
@@ -6107,7 +6420,21 @@ export interface TaskStats extends StateCounts {
   readonly oldestPendingAge: number | null;
 }
 
-/** The counts that {@linkcode stats} resolves to. */
+/**
+ * The counts that {@linkcode stats} resolves to.
+ *
+ * @example Print one line per task, then the totals
+ * ```ts
+ * import { openDatabase, stats } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const queue = await stats(database);
+ * for (const task of queue.tasks) {
+ *   console.log(`${task.name}: ${task.pending} pending, ${task.failed} failed`);
+ * }
+ * console.log(`all: ${queue.totals.pending} pending, ${queue.totals.failed} failed`);
+ * ```
+ */
 export interface QueueStats {
   /** One entry per task name that has rows, sorted by name. */
   readonly tasks: TaskStats[];
@@ -6115,7 +6442,18 @@ export interface QueueStats {
   readonly totals: StateCounts & { readonly oldestPendingAge: number | null };
 }
 
-/** Options of {@linkcode listTasks}. */
+/**
+ * Options of {@linkcode listTasks}.
+ *
+ * @example List up to 500 pending tasks of one name
+ * ```ts
+ * import { listTasks, openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * const tasks = await listTasks(database, { name: "send-invoice", state: "pending", limit: 500 });
+ * console.log(`${tasks.length} invoices wait to be sent`);
+ * ```
+ */
 export interface ListTasksOptions {
   /** List only tasks in this state. */
   state?: TaskState;
@@ -6129,7 +6467,20 @@ export interface ListTasksOptions {
   limit?: number;
 }
 
-/** One task's row, as {@linkcode listTasks} returns it. */
+/**
+ * One task's row, as {@linkcode listTasks} returns it.
+ *
+ * @example Print the data and last error of failed tasks
+ * ```ts
+ * import { listTasks, openDatabase } from "tasklite";
+ *
+ * const database = openDatabase("file:app.db");
+ * for (const task of await listTasks(database, { state: "failed" })) {
+ *   console.log(`${task.name} ${task.id}, ${task.attempts} attempts:`, task.data);
+ *   console.log(task.lastError);
+ * }
+ * ```
+ */
 export interface TaskInfo {
   /** The task's id. */
   readonly id: string;
@@ -6470,7 +6821,25 @@ function toTaskInfo(row: Row): TaskInfo {
 // Testing: drain the queue in the application's own tests
 // ---------------------------------------------------------------------------------------------
 
-/** Options of {@linkcode drain}. */
+/**
+ * Options of {@linkcode drain}.
+ *
+ * @example Run a task and all its retries in a test
+ * ```ts
+ * import { defineDatabaseTask, drain, openDatabase, perform } from "tasklite";
+ *
+ * const database = openDatabase(":memory:");
+ * const flaky = defineDatabaseTask(database, {
+ *   name: "flaky",
+ *   process() {
+ *     throw new Error("the service is down");
+ *   },
+ * });
+ * await perform(flaky, null);
+ * const result = await drain(database, { tasks: [flaky], now: Date.now() + 86_400_000 });
+ * console.log(result); // { succeeded: 0, failed: 1, retried: 4, cancelled: 0 }
+ * ```
+ */
 export interface DrainOptions {
   /** The tasks to run. Each must belong to the database passed to `drain`. */
   // deno-lint-ignore no-explicit-any
@@ -6489,7 +6858,23 @@ export interface DrainOptions {
   logger?: Logger;
 }
 
-/** The number of results of each kind that {@linkcode drain} resolves to. */
+/**
+ * The number of results of each kind that {@linkcode drain} resolves to.
+ *
+ * @example Assert that every run succeeded
+ * ```ts
+ * import { deepStrictEqual } from "node:assert";
+ * import { defineDatabaseTask, drain, openDatabase, perform } from "tasklite";
+ *
+ * const database = openDatabase(":memory:");
+ * const welcome = defineDatabaseTask(database, { name: "welcome", process() {} });
+ * await perform(welcome, { email: "ada@example.com" });
+ * await perform(welcome, { email: "alan@example.com" });
+ *
+ * const result = await drain(database, { tasks: [welcome] });
+ * deepStrictEqual(result, { succeeded: 2, failed: 0, retried: 0, cancelled: 0 });
+ * ```
+ */
 export interface DrainResult {
   /** Attempts that succeeded. */
   readonly succeeded: number;
