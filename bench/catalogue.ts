@@ -65,9 +65,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
     {
       id: "perform-awaited",
       section: "1. Enqueue",
-      title: `perform() awaited one at a time, ${
-        size(10_000, 200).toLocaleString("en")
-      } tasks`,
+      title: `perform() awaited one at a time, ${size(10_000, 200).toLocaleString("en")} tasks`,
       scenario: "perform-awaited",
       params: { tasks: size(10_000, 200), limit },
       metrics: [rate],
@@ -77,9 +75,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
     {
       id: "perform-concurrent",
       section: "1. Enqueue",
-      title: `100 perform() calls in flight, ${
-        size(50_000, 1_000).toLocaleString("en")
-      } tasks`,
+      title: `100 perform() calls in flight, ${size(50_000, 1_000).toLocaleString("en")} tasks`,
       scenario: "perform-concurrent",
       params: { tasks: size(50_000, 1_000), inFlight: 100, limit },
       metrics: [rate],
@@ -89,9 +85,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
     {
       id: "perform-many",
       section: "1. Enqueue",
-      title: `performMany() in calls of 1,000, ${
-        size(100_000, 500).toLocaleString("en")
-      } tasks`,
+      title: `performMany() in calls of 1,000, ${size(100_000, 500).toLocaleString("en")} tasks`,
       scenario: "perform-many",
       params: { tasks: size(100_000, 2_000), perCall: 1_000, limit },
       metrics: [rate],
@@ -101,9 +95,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
     ...[1, 10, 100].map((batch) => ({
       id: `drain-batch-${batch}`,
       section: "2. Drain, one process",
-      title: `Drain ${
-        size(100_000, 500).toLocaleString("en")
-      } tasks at batch size ${batch}`,
+      title: `Drain ${size(100_000, 500).toLocaleString("en")} tasks at batch size ${batch}`,
       scenario: "drain" as const,
       params: { tasks: size(100_000, 500), batch, limit },
       metrics: [rate],
@@ -135,8 +127,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
     {
       id: "latency-process",
       section: "4. Latency",
-      title:
-        "perform() to the start of process(), worker in another process, idle queue",
+      title: "perform() to the start of process(), worker in another process, idle queue",
       scenario: "latency-process",
       params: { samples: size(200, 5), budget: size(4_000, 300) },
       metrics: [p99, p50, samples],
@@ -179,9 +170,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
     {
       id: "memory",
       section: "6. Memory",
-      title: `RSS after the first ${
-        size(10_000, 200).toLocaleString("en")
-      } and after ${
+      title: `RSS after the first ${size(10_000, 200).toLocaleString("en")} and after ${
         size(1_000_000, 2_000).toLocaleString("en")
       } tasks processed at batch size 100`,
       scenario: "memory",
@@ -203,9 +192,7 @@ export function variants(quick: boolean, repetitions: number): Variant[] {
     {
       id: "idle-cpu",
       section: "7. Idle CPU",
-      title: `CPU time of a started worker with an empty queue, over ${
-        size(10, 0.3)
-      } s`,
+      title: `CPU time of a started worker with an empty queue, over ${size(10, 0.3)} s`,
       scenario: "idle-cpu",
       params: { seconds: size(10, 0.3), settle: size(500, 50) },
       metrics: [{

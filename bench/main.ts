@@ -8,24 +8,13 @@
  *   [--queues tasklite,floor,floor-table,plainjob,liteque,bunqueue] [--scenarios id-prefix,...]
  */
 import { spawn, spawnSync } from "node:child_process";
-import {
-  existsSync,
-  mkdtempSync,
-  readFileSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir, totalmem } from "node:os";
 import { dirname, join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { type Variant, variants } from "./catalogue.ts";
-import {
-  formatReport,
-  type Machine,
-  type Results,
-  type Run,
-} from "./report.ts";
+import { formatReport, type Machine, type Results, type Run } from "./report.ts";
 
 const benchDirectory = dirname(fileURLToPath(import.meta.url));
 const rootDirectory = dirname(benchDirectory);
@@ -85,9 +74,7 @@ function parseArguments(args: string[]): Options {
       }
     } else if (arg === "--queues") {
       options.queues = list(args[++index], arg);
-      const unknown = options.queues.find((queue) =>
-        !allQueues.includes(queue)
-      );
+      const unknown = options.queues.find((queue) => !allQueues.includes(queue));
       if (unknown) {
         throw new Error(
           `Unknown queue ${unknown}: use ${allQueues.join(", ")}`,
@@ -276,9 +263,7 @@ function measure(
       child.on("exit", (code, signal) => {
         clearTimeout(timer);
         rmSync(directory, { recursive: true, force: true });
-        const line = stdout.split("\n").find((text) =>
-          text.startsWith("RESULT ")
-        );
+        const line = stdout.split("\n").find((text) => text.startsWith("RESULT "));
         if (line !== undefined) {
           return resolve(JSON.parse(line.slice("RESULT ".length)));
         }
@@ -323,9 +308,7 @@ async function main(): Promise<void> {
       const failed = new Set<string>();
       for (let repetition = 0; repetition < variant.repetitions; repetition++) {
         // Rotate the order each repetition, so every queue runs before and after tasklite.
-        const order = queues.map((_, index) =>
-          queues[(index + repetition) % queues.length]
-        );
+        const order = queues.map((_, index) => queues[(index + repetition) % queues.length]);
         for (const queue of order) {
           if (failed.has(queue)) continue;
           const runStarted = Date.now();
@@ -340,9 +323,7 @@ async function main(): Promise<void> {
           const summary = result.error ?? JSON.stringify(result.metrics);
           const seconds = ((Date.now() - runStarted) / 1_000).toFixed(1);
           console.error(
-            `${variant.id} ${runtime} ${queue} #${
-              repetition + 1
-            } (${seconds} s): ${summary}`,
+            `${variant.id} ${runtime} ${queue} #${repetition + 1} (${seconds} s): ${summary}`,
           );
           if (result.error !== undefined) {
             // A queue that failed once fails the same way again, so only its first error is reported.
@@ -382,9 +363,7 @@ function updateBenchmarksFile(report: string): void {
   const file = join(rootDirectory, "BENCHMARKS.md");
   const begin = "<!-- results:begin -->";
   const end = "<!-- results:end -->";
-  const text = existsSync(file)
-    ? readFileSync(file, "utf8")
-    : `${begin}\n${end}\n`;
+  const text = existsSync(file) ? readFileSync(file, "utf8") : `${begin}\n${end}\n`;
   const start = text.indexOf(begin);
   const stop = text.indexOf(end);
   if (start < 0 || stop < start) {

@@ -50,9 +50,7 @@ const queueNames: Record<string, string> = {
 function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1
-    ? sorted[middle]
-    : (sorted[middle - 1] + sorted[middle]) / 2;
+  return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 }
 
 function formatNumber(value: number, digits: number): string {
@@ -81,9 +79,7 @@ function ratio(
 ): number | undefined {
   const ratios: number[] = [];
   for (const run of row) {
-    const partner = tasklite.find((other) =>
-      other.repetition === run.repetition
-    );
+    const partner = tasklite.find((other) => other.repetition === run.repetition);
     const mine = partner?.metrics?.[metric.key];
     const theirs = run.metrics?.[metric.key];
     if (
@@ -99,13 +95,9 @@ function formatMachine(results: Results): string {
   const versions = Object.entries(machine.versions).map(([name, version]) =>
     `${runtimeNames[name]} ${version.replace(/^v/, "").replace(/^deno /, "")}`
   );
-  const packages = Object.entries(machine.packages).map(([name, version]) =>
-    `${name} ${version}`
-  );
+  const packages = Object.entries(machine.packages).map(([name, version]) => `${name} ${version}`);
   return [
-    `Measured ${results.date.slice(0, 10)}${
-      results.quick ? " (quick run, small sizes)" : ""
-    } ` +
+    `Measured ${results.date.slice(0, 10)}${results.quick ? " (quick run, small sizes)" : ""} ` +
     `in ${
       Math.round(results.durationSeconds / 60)
     } min on ${machine.cpu}, ${machine.cores} cores, ` +
@@ -143,21 +135,15 @@ export function formatReport(results: Results, variants: Variant[]): string {
     );
     const runs = results.runs.filter((run) => run.variant === variant.id);
     for (const runtime of runtimeOrder) {
-      const tasklite = runs.filter((run) =>
-        run.runtime === runtime && run.queue === "tasklite"
-      );
+      const tasklite = runs.filter((run) => run.runtime === runtime && run.queue === "tasklite");
       for (const queue of queueOrder) {
-        const mine = runs.filter((run) =>
-          run.runtime === runtime && run.queue === queue
-        );
+        const mine = runs.filter((run) => run.runtime === runtime && run.queue === queue);
         if (mine.length === 0) continue;
         const cells = [
           runtimeNames[runtime],
           queueNames[queue] ?? queue,
         ];
-        const failure = mine.find((run) =>
-          run.error !== undefined || run.skipped !== undefined
-        );
+        const failure = mine.find((run) => run.error !== undefined || run.skipped !== undefined);
         const measured = mine.filter((run) => run.metrics !== undefined);
         if (measured.length === 0 && failure !== undefined) {
           const text = failure.error !== undefined
@@ -178,14 +164,10 @@ export function formatReport(results: Results, variants: Variant[]): string {
             );
           }
           const tasks = variant.params.tasks;
-          const partial = measured.filter((run) =>
-            (run.metrics!.done ?? tasks) < tasks
-          );
+          const partial = measured.filter((run) => (run.metrics!.done ?? tasks) < tasks);
           if (partial.length > 0) {
             const done = median(partial.map((run) => run.metrics!.done));
-            cells[2] += ` ¹ ${formatNumber(done, 0)} of ${
-              formatNumber(tasks, 0)
-            } tasks`;
+            cells[2] += ` ¹ ${formatNumber(done, 0)} of ${formatNumber(tasks, 0)} tasks`;
           }
           const value = queue === "tasklite"
             ? undefined

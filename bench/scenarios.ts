@@ -171,8 +171,7 @@ async function performMany(
 ) {
   const calls = Array.from(
     { length: Math.ceil(tasks / perCall) },
-    (_, call) =>
-      Array.from({ length: perCall }, (_, i) => ({ n: call * perCall + i })),
+    (_, call) => Array.from({ length: perCall }, (_, i) => ({ n: call * perCall + i })),
   );
   const end = Date.now() + limit * 1_000;
   const start = wallClock();

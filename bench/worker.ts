@@ -9,17 +9,12 @@ import { runScenario } from "./scenarios.ts";
 import type { Queue, System } from "./systems/types.ts";
 
 const systems: Record<string, () => Promise<System>> = {
-  tasklite: () =>
-    import("./systems/tasklite.ts").then((module) => module.tasklite),
+  tasklite: () => import("./systems/tasklite.ts").then((module) => module.tasklite),
   floor: () => import("./systems/floor.ts").then((module) => module.floor),
-  "floor-table": () =>
-    import("./systems/floor-table.ts").then((module) => module.floorTable),
-  plainjob: () =>
-    import("./systems/plainjob.ts").then((module) => module.plainjob),
-  liteque: () =>
-    import("./systems/liteque.ts").then((module) => module.liteque),
-  bunqueue: () =>
-    import("./systems/bunqueue.ts").then((module) => module.bunqueue),
+  "floor-table": () => import("./systems/floor-table.ts").then((module) => module.floorTable),
+  plainjob: () => import("./systems/plainjob.ts").then((module) => module.plainjob),
+  liteque: () => import("./systems/liteque.ts").then((module) => module.liteque),
+  bunqueue: () => import("./systems/bunqueue.ts").then((module) => module.bunqueue),
 };
 
 interface RunRole {
@@ -43,11 +38,9 @@ function write(line: string): void {
 }
 
 function firstLine(error: unknown): string {
-  return (error instanceof Error
-    ? `${error.name}: ${error.message}`
-    : String(error)).split(
-      "\n",
-    )[0];
+  return (error instanceof Error ? `${error.name}: ${error.message}` : String(error)).split(
+    "\n",
+  )[0];
 }
 
 async function openQueue(name: string, path: string): Promise<Queue> {
@@ -92,9 +85,7 @@ async function child(role: ChildRole): Promise<void> {
     reported = count;
     write(`count ${count}`);
   }, 10);
-  const handler = role.mode === "echo"
-    ? () => write("task")
-    : () => void count++;
+  const handler = role.mode === "echo" ? () => write("task") : () => void count++;
 
   const lines = createInterface({ input: process.stdin });
   lines.on("line", async (command) => {

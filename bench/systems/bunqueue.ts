@@ -1,11 +1,5 @@
 import { Queue as BunQueue, Worker } from "bunqueue/client";
-import {
-  asyncHandler,
-  type Handler,
-  type Payload,
-  type Queue,
-  type System,
-} from "./types.ts";
+import { asyncHandler, type Handler, type Payload, type Queue, type System } from "./types.ts";
 
 class BunqueueQueue implements Queue {
   readonly #queue: BunQueue<Payload>;

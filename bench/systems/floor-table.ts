@@ -36,8 +36,7 @@ const statements: FloorStatements = {
         JSON.stringify(item),
       ]);
       statements.push({
-        sql:
-          `INSERT INTO tasks (id, name, data, created, run_at, priority, state)
+        sql: `INSERT INTO tasks (id, name, data, created, run_at, priority, state)
           SELECT value ->> 0, 'bench', value ->> 1, ?1, ?1, 0, 'pending' FROM json_each(?2)`,
         args: [now, JSON.stringify(rows)],
       });

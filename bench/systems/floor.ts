@@ -1,16 +1,5 @@
-import {
-  type Client,
-  createClient,
-  type InStatement,
-  type Row,
-} from "@libsql/client";
-import {
-  asyncHandler,
-  type Handler,
-  type Payload,
-  type Queue,
-  type System,
-} from "./types.ts";
+import { type Client, createClient, type InStatement, type Row } from "@libsql/client";
+import { asyncHandler, type Handler, type Payload, type Queue, type System } from "./types.ts";
 
 /**
  * The floor: the libSQL client running only the statements that any queue on this driver
@@ -124,9 +113,7 @@ export class FloorQueue implements Queue {
 
 /** One multi-row INSERT for up to `rows` rows: a VALUES list of that length. */
 function insertValues(rows: number): string {
-  return `INSERT INTO floor_tasks (payload, run_at) VALUES ${
-    "(?, ?), ".repeat(rows - 1)
-  }(?, ?)`;
+  return `INSERT INTO floor_tasks (payload, run_at) VALUES ${"(?, ?), ".repeat(rows - 1)}(?, ?)`;
 }
 
 const floorStatements: FloorStatements = {
@@ -162,8 +149,7 @@ const floorStatements: FloorStatements = {
   data: (row) => JSON.parse(row.payload as string),
   id: (row) => row.id as number,
   deleteOne: "DELETE FROM floor_tasks WHERE id = ?",
-  deleteMany:
-    "DELETE FROM floor_tasks WHERE id IN (SELECT value FROM json_each(?))",
+  deleteMany: "DELETE FROM floor_tasks WHERE id IN (SELECT value FROM json_each(?))",
 };
 
 export const floor: System = {

@@ -1,11 +1,5 @@
 import { buildDBClient, Runner, SqliteQueue } from "liteque";
-import {
-  asyncHandler,
-  type Handler,
-  type Payload,
-  type Queue,
-  type System,
-} from "./types.ts";
+import { asyncHandler, type Handler, type Payload, type Queue, type System } from "./types.ts";
 
 class LitequeQueue implements Queue {
   readonly #queue: SqliteQueue<Payload>;
