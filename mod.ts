@@ -40,7 +40,7 @@ import {
 } from "@libsql/client";
 import { Cron } from "croner";
 import * as v from "valibot";
-import { statSync } from "node:fs";
+import { type FSWatcher, statSync, watch } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
 import { basename, extname, join, resolve as resolvePath } from "node:path";
 import { setImmediate } from "node:timers";
@@ -2421,6 +2421,10 @@ class TaskDatabase implements Database {
   #dataVersion: number | undefined;
   #watching = false;
   #connectionCheckedAt = 0;
+  #walWatcher: { close(): void } | undefined;
+  #checkTimer: ReturnType<typeof setTimeout> | undefined;
+  /** When the last check of `data_version` started, on the monotonic clock. */
+  #lastCheck = -Infinity;
   #busyTimeoutWarned = false;
   /** The identity check of a local file that tasklite opened itself. */
   readonly #file: DatabaseFile | undefined;
@@ -2576,22 +2580,62 @@ class TaskDatabase implements Database {
    */
   #startWatching(): void {
     if (!this.#shared || this.#watchTimer !== undefined || this.#closed) return;
-    this.#watchTimer = setInterval(() => this.#checkDataVersion(), this.#watchInterval);
-    unrefTimer(this.#watchTimer);
+    this.#watchWal();
     // Read the first version now, before the runner's first claim: a commit between that claim
     // and a later first read would set the baseline without waking the runner.
     void this.#checkDataVersion();
   }
 
+  /**
+   * Checks after every change of the WAL file, which each commit writes, when the runtime can
+   * watch the file; the timer then only backs the events up once a second, for file systems
+   * (network mounts) that send none. Without events, the timer polls every `watchInterval`.
+   * Idle, a timer every 40 ms cost about 0.5 % of a core under Node.js 20.
+   */
+  #watchWal(): void {
+    clearInterval(this.#watchTimer);
+    this.#walWatcher?.close();
+    this.#walWatcher = this.#file === undefined
+      ? undefined
+      : watchFileChanges(`${this.#file.path}-wal`, () => this.#onWalChange(), () => {
+        // The file went away or the runtime stopped the watch: poll instead.
+        this.#walWatcher = undefined;
+        this.#watchWal();
+      });
+    const interval = this.#walWatcher === undefined ? this.#watchInterval : walEventBackupInterval;
+    this.#watchTimer = setInterval(() => void this.#checkDataVersion(), interval);
+    unrefTimer(this.#watchTimer);
+  }
+
+  /**
+   * Checks after a change of the WAL file at once, but at most once per `walEventMinimumGap`.
+   * This runner's own commits change the file too, so under load the gap bounds the checks
+   * (each a `data_version` query of about 50 microseconds) to 200 a second.
+   */
+  #onWalChange(): void {
+    if (this.#checkTimer !== undefined || this.#closed) return;
+    const wait = Math.max(0, this.#lastCheck + walEventMinimumGap - performance.now());
+    this.#checkTimer = setTimeout(() => {
+      this.#checkTimer = undefined;
+      void this.#checkDataVersion();
+    }, wait);
+    unrefTimer(this.#checkTimer);
+  }
+
   #stopWatching(): void {
-    if (this.#watchTimer !== undefined) clearInterval(this.#watchTimer);
+    clearInterval(this.#watchTimer);
+    clearTimeout(this.#checkTimer);
+    this.#walWatcher?.close();
     this.#watchTimer = undefined;
+    this.#checkTimer = undefined;
+    this.#walWatcher = undefined;
     this.#dataVersion = undefined;
   }
 
   async #checkDataVersion(): Promise<void> {
     if (this.#watching || this.#closed) return;
     this.#watching = true;
+    this.#lastCheck = performance.now();
     try {
       if (this.#file?.due()) await this.#checkFile(this.#file);
       // A query costs about ten times a stat of the WAL file (350 against 30 microseconds of CPU
@@ -2653,11 +2697,19 @@ class TaskDatabase implements Database {
         `had it open; tasklite reopened it`,
       { file: file.path },
     );
+    // The new file has a new WAL file to watch.
+    if (this.#watchTimer !== undefined) this.#watchWal();
     for (const runner of runnersByDatabase.get(this.identity) ?? []) {
       if (runner.database === this) runner.onReopen();
     }
   }
 }
+
+/** How often the watcher checks anyway while events of the WAL file trigger its checks, in ms. */
+const walEventBackupInterval = 1_000;
+
+/** The shortest time between two checks that events of the WAL file trigger, in ms. */
+const walEventMinimumGap = 5;
 
 /** How often the watcher checks the connection's settings instead of only `data_version`. */
 const connectionCheckInterval = 1_000;
@@ -6964,8 +7016,33 @@ export async function drain(database: Database, options: DrainOptions): Promise<
 }
 
 // ---------------------------------------------------------------------------------------------
-// Runtime differences: signals
+// Runtime differences: file events and signals
 // ---------------------------------------------------------------------------------------------
+
+/**
+ * Calls `onChange` when the file at `path` changes, through `fs.watch` (inotify on Linux, which
+ * Node.js, Bun and Deno all use). Returns undefined when the file cannot be watched, such as
+ * when it does not exist; calls `onError` when a started watch fails later. The watch does not
+ * keep the process alive.
+ */
+function watchFileChanges(
+  path: string,
+  onChange: () => void,
+  onError: () => void,
+): { close(): void } | undefined {
+  let watcher: FSWatcher;
+  try {
+    watcher = watch(path, { persistent: false }, onChange);
+  } catch {
+    return undefined;
+  }
+  watcher.on("error", () => {
+    watcher.close();
+    onError();
+  });
+  watcher.unref?.();
+  return watcher;
+}
 
 type SignalName = "SIGINT" | "SIGTERM";
 
