@@ -241,6 +241,17 @@ describe("openDatabase()", () => {
     database.close();
   });
 
+  test("accepts remote URLs and reports a server it cannot reach", async () => {
+    // Port 9 on the loopback address has no libSQL server, so the first statement fails.
+    for (const url of ["http://127.0.0.1:9", "libsql://127.0.0.1:9?tls=0"]) {
+      const database = openDatabase(url);
+      expect(database.url).toBe(url);
+      expect(database.client.protocol).toBe("http");
+      await expect(database.ready()).rejects.toThrow();
+      database.close();
+    }
+  });
+
   test("rejects a URL that is not a string or client", () => {
     // deno-lint-ignore no-explicit-any
     expect(() => openDatabase(42 as any)).toThrow(
