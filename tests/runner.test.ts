@@ -239,6 +239,38 @@ describe("runTasks()", () => {
     expect(ranAt - performedAt).toBeLessThan(1_000);
   });
 
+  test("a perform hands its task to an idle runner of this process, already claimed", async () => {
+    const database = open();
+    let release!: () => void;
+    const started: string[] = [];
+    const task = defineDatabaseTask<string>(database, {
+      name: "handed",
+      batchSize: 1,
+      process({ data }) {
+        started.push(data);
+        return new Promise<void>((resolve) => (release = resolve));
+      },
+    });
+    await start([task]);
+    await sleep(50);
+
+    // The runner is idle: the row is inserted running under its lease, and its attempt starts.
+    const first = await perform(task, "first");
+    expect(started).toEqual(["first"]);
+    const [row] = await taskRows(database);
+    expect(row).toMatchObject({ id: first, state: "running", attempts: 1 });
+    expect(row.locked_by).toBeString();
+    expect(row.locked_until as number).toBeGreaterThan(Date.now());
+
+    // Its only slot is taken, so the next row waits as pending for a claim.
+    const second = await perform(task, "second");
+    expect((await taskRows(database)).find((each) => each.id === second)?.state).toBe("pending");
+    release();
+    await waitFor(() => started.length === 2);
+    release();
+    await waitFor(async () => (await taskRows(database)).length === 0);
+  });
+
   test("rows written through another connection are picked up without waiting for the poll", async () => {
     const url = temporaryDatabaseUrl();
     const database = open(url);
