@@ -699,10 +699,10 @@ export interface ScheduleOptions {
    * On a daylight-saving change, a fixed-time pattern runs once. Such a pattern has no `*` or
    * step in its second, minute and hour fields, such as `"30 2 * * *"`. When its local time
    * does not exist that day, it runs right after the change. When its local time happens
-   * twice, it runs at the first occurrence. Other patterns, such as every 5 minutes, run at every local time that exists, so
-   * their runs stay the same real time apart. A step in the hour field, such as every 2 hours,
-   * follows the local clock, so across a change two of its runs are 1 hour further apart or
-   * closer together.
+   * twice, it runs at the first occurrence. Other patterns, such as every 5 minutes, run at
+   * every local time that exists, so their runs stay the same real time apart. A step in the
+   * hour field, such as every 2 hours, follows the local clock, so across a change two of its
+   * runs are 1 hour further apart or closer together.
    *
    * @default {"UTC"}
    */
@@ -1095,10 +1095,18 @@ const maxDataDepth = 1_000;
 /**
  * Returns why a value does not survive a JSON round trip unchanged, or `undefined` when it does.
  * `undefined` at the top level is allowed and stored as SQL NULL.
+ *
+ * The text names no path: on a problem, `keys` is left holding the property names and array
+ * indexes down to the value at fault, for {@linkcode pathOf}. Building the path only then keeps
+ * the walk over valid data free of string building.
  */
-function findJsonProblem(value: unknown, path: string, ancestors: object[]): string | undefined {
+function findJsonProblem(
+  value: unknown,
+  ancestors: object[],
+  keys: Array<string | number>,
+): string | undefined {
   if (ancestors.length >= maxDataDepth) {
-    return `${path} is nested more than ${maxDataDepth} levels deep; flatten the data`;
+    return `is nested more than ${maxDataDepth} levels deep; flatten the data`;
   }
   switch (typeof value) {
     case "string":
@@ -1107,62 +1115,74 @@ function findJsonProblem(value: unknown, path: string, ancestors: object[]): str
     case "number":
       return Number.isFinite(value)
         ? undefined
-        : `${path} is ${value}, which JSON stores as null; use a finite number or null`;
+        : `is ${value}, which JSON stores as null; use a finite number or null`;
     case "undefined":
-      return `${path} is undefined, which JSON drops; omit the property or use null`;
+      return "is undefined, which JSON drops; omit the property or use null";
     case "bigint":
-      return `${path} is a BigInt, which JSON cannot store; convert it to a string or a number`;
+      return "is a BigInt, which JSON cannot store; convert it to a string or a number";
     case "function":
-      return `${path} is a function, which JSON cannot store; pass only data`;
+      return "is a function, which JSON cannot store; pass only data";
     case "symbol":
-      return `${path} is a symbol, which JSON cannot store; use a string`;
+      return "is a symbol, which JSON cannot store; use a string";
   }
   if (value === null) return undefined;
 
   const object = value as object;
   if (ancestors.includes(object)) {
-    return `${path} refers back to one of its parents (a circular structure), which JSON cannot store`;
+    return "refers back to one of its parents (a circular structure), which JSON cannot store";
   }
   if (Array.isArray(object)) {
-    ancestors.push(object);
     for (let index = 0; index < object.length; index++) {
       if (!(index in object)) {
-        ancestors.pop();
-        return `${path}[${index}] is an empty array slot, which JSON stores as null; fill it`;
-      }
-      const problem = findJsonProblem(object[index], `${path}[${index}]`, ancestors);
-      if (problem !== undefined) {
-        ancestors.pop();
-        return problem;
+        keys.push(index);
+        return "is an empty array slot, which JSON stores as null; fill it";
       }
     }
-    ancestors.pop();
-    return undefined;
+    return findItemProblem(object, object.keys(), ancestors, keys);
   }
 
   const prototype = Object.getPrototypeOf(object);
   if (object instanceof Date) {
-    return `${path} is a Date, which JSON turns into a string; pass date.toISOString() or date.getTime()`;
+    return "is a Date, which JSON turns into a string; pass date.toISOString() or date.getTime()";
   }
   if (prototype !== Object.prototype && prototype !== null) {
-    return `${path} is ${
+    return `is ${
       describeValue(object)
     }, which JSON cannot store without losing its type; convert it to plain objects and arrays`;
   }
   if (Object.getOwnPropertySymbols(object).length > 0) {
-    return `${path} has symbol keys, which JSON drops; use string keys`;
+    return "has symbol keys, which JSON drops; use string keys";
   }
+  return findItemProblem(object, Object.keys(object), ancestors, keys);
+}
+
+/** Checks the items of an array or object under the given keys, as {@linkcode findJsonProblem}. */
+function findItemProblem(
+  object: object,
+  itemKeys: Iterable<string | number>,
+  ancestors: object[],
+  keys: Array<string | number>,
+): string | undefined {
   ancestors.push(object);
-  for (const [key, item] of Object.entries(object)) {
-    const itemPath = isIdentifier(key) ? `${path}.${key}` : `${path}[${JSON.stringify(key)}]`;
-    const problem = findJsonProblem(item, itemPath, ancestors);
-    if (problem !== undefined) {
-      ancestors.pop();
-      return problem;
-    }
+  for (const key of itemKeys) {
+    keys.push(key);
+    const item = (object as Record<string | number, unknown>)[key];
+    const problem = findJsonProblem(item, ancestors, keys);
+    if (problem !== undefined) return problem;
+    keys.pop();
   }
   ancestors.pop();
   return undefined;
+}
+
+/** `where` followed by each key: `.name` for an identifier, `[0]` or `["a b"]` otherwise. */
+function pathOf(where: string, keys: ReadonlyArray<string | number>): string {
+  let path = where;
+  for (const key of keys) {
+    if (typeof key === "number") path += `[${key}]`;
+    else path += isIdentifier(key) ? `.${key}` : `[${JSON.stringify(key)}]`;
+  }
+  return path;
 }
 
 /**
@@ -1172,9 +1192,10 @@ function findJsonProblem(value: unknown, path: string, ancestors: object[]): str
  */
 function serializeData(data: unknown, task: string, where = "data"): string | null {
   if (data === undefined) return null;
-  const problem = findJsonProblem(data, where, []);
+  const keys: Array<string | number> = [];
+  const problem = findJsonProblem(data, [], keys);
   if (problem !== undefined) {
-    throw new TypeError(`Invalid data for task "${task}": ${problem}`);
+    throw new TypeError(`Invalid data for task "${task}": ${pathOf(where, keys)} ${problem}`);
   }
   const json = JSON.stringify(data);
   // A UTF-8 byte takes at least a third of a UTF-16 unit, so only long strings need counting.
@@ -3420,18 +3441,11 @@ const hex = Array.from({ length: 256 }, (_, byte) => byte.toString(16).padStart(
 const randomPool = new Uint8Array(4_096);
 let randomPoolOffset = randomPool.length;
 
-function randomBytes(count: number): Uint8Array {
-  if (randomPoolOffset + count > randomPool.length) {
-    crypto.getRandomValues(randomPool);
-    randomPoolOffset = 0;
-  }
-  randomPoolOffset += count;
-  return randomPool.subarray(randomPoolOffset - count, randomPoolOffset);
-}
-
 /** The millisecond and the sequence number of the last id this process created. */
 let lastIdTime = 0;
 let idSequence = 0;
+/** The start of every id created in the millisecond `lastIdTime`, from {@linkcode timeHexOf}. */
+let idTimeHex = "";
 const maxIdSequence = 2 ** 26;
 
 /**
@@ -3454,26 +3468,32 @@ function createTaskId(now: number): string {
   } else {
     idSequence = Math.floor(Math.random() * (maxIdSequence / 2));
   }
+  if (time !== lastIdTime || idTimeHex === "") idTimeHex = timeHexOf(time);
   lastIdTime = time;
 
-  const bytes = new Uint8Array(16);
-  bytes.set(randomBytes(6), 10);
-  for (let index = 5; index >= 0; index--) {
-    bytes[index] = time % 256;
-    time = Math.floor(time / 256);
+  if (randomPoolOffset + 6 > randomPool.length) {
+    crypto.getRandomValues(randomPool);
+    randomPoolOffset = 0;
   }
+  const random = randomPoolOffset;
+  randomPoolOffset += 6;
   // Version 7 in the high nibble of byte 6, the variant (binary 10) in the high bits of byte 8,
   // and the 26 sequence bits around them.
-  bytes[6] = 0x70 | (idSequence >>> 22);
-  bytes[7] = (idSequence >>> 14) & 0xff;
-  bytes[8] = 0x80 | ((idSequence >>> 8) & 0x3f);
-  bytes[9] = idSequence & 0xff;
-  let id = "";
-  for (let index = 0; index < 16; index++) {
-    if (index === 4 || index === 6 || index === 8 || index === 10) id += "-";
-    id += hex[bytes[index]];
+  return idTimeHex + hex[0x70 | (idSequence >>> 22)] + hex[(idSequence >>> 14) & 0xff] + "-" +
+    hex[0x80 | ((idSequence >>> 8) & 0x3f)] + hex[idSequence & 0xff] + "-" +
+    hex[randomPool[random]] + hex[randomPool[random + 1]] + hex[randomPool[random + 2]] +
+    hex[randomPool[random + 3]] + hex[randomPool[random + 4]] + hex[randomPool[random + 5]];
+}
+
+/** Formats the first 6 bytes of an id, the milliseconds, as hex with dashes: `0190a1b2-c3d4-`. */
+function timeHexOf(time: number): string {
+  let text = "";
+  for (let index = 5; index >= 0; index--) {
+    text = hex[time % 256] + text;
+    time = Math.floor(time / 256);
+    if (index === 4) text = "-" + text;
   }
-  return id;
+  return `${text}-`;
 }
 
 /**
@@ -6567,7 +6587,7 @@ export interface StateCounts {
   readonly running: number;
   /** Succeeded rows kept by `keepCompleted`. */
   readonly completed: number;
-  /** Rows whose last attempt failed. */
+  /** Rows whose last attempt failed or whose stored data could not be decoded. */
   readonly failed: number;
   /** Cancelled rows. */
   readonly cancelled: number;

@@ -171,6 +171,11 @@ describe("perform()", () => {
       { "first name": undefined },
       'data["first name"] is undefined',
     ],
+    [
+      "a problem deep in arrays and objects, after valid siblings",
+      { ok: [1, { fine: "x" }], list: [{ a: 1 }, { "b c": [0, 10n] }] },
+      'data.list[1]["b c"][1] is a BigInt',
+    ],
   ];
 
   test.each(badData)("rejects %s and writes nothing", async (_, data, message) => {
