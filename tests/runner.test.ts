@@ -822,6 +822,40 @@ describe("runTasks()", () => {
     expect(row.failed_error).toContain("worker stopped responding");
   });
 
+  for (const [count, label] of [[1, "one task"], [3, "a batch of three"]] as const) {
+    test(`a success is not recorded once another runner holds the lease (${label})`, async () => {
+      const database = open();
+      const logger = captureLogger();
+      const releases: Array<() => void> = [];
+      const task = defineDatabaseTask(database, {
+        name: "taken-over",
+        batchSize: count,
+        process: () => new Promise<void>((resolve) => void releases.push(resolve)),
+      });
+      const ids = await performMany(task, Array.from({ length: count }, (_, index) => index));
+      await start([task], { logger });
+      await waitFor(() => releases.length === count);
+
+      // Another runner rescued the rows and holds them now.
+      await database.client.execute(
+        "UPDATE tasks SET locked_by = 'other-runner', attempts = attempts + 1",
+      );
+      for (const release of releases) release();
+
+      await waitFor(() => logger.messages("warn").length === count);
+      for (const id of ids) {
+        expect(logger.messages("warn")).toContain(
+          `Task "taken-over" ${id}: lease lost before the result was recorded; the runner ` +
+            `that holds it now decides the outcome`,
+        );
+      }
+      const rows = await taskRows(database);
+      expect(rows.map((row) => [row.id, row.state, row.locked_by])).toEqual(
+        ids.map((id) => [id, "running", "other-runner"]),
+      );
+    });
+  }
+
   test("a live lease is renewed, so a long attempt is not rescued", async () => {
     const database = open();
     let runs = 0;
