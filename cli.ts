@@ -84,7 +84,8 @@ const commands: Command[] = [
     description:
       "Imports every task module of <dir> and runs its tasks until SIGINT or SIGTERM. On the\n" +
       "first signal the runners stop claiming, wait for running attempts up to --stop-timeout,\n" +
-      "and exit; a second signal exits at once. The task modules open their own database:\n" +
+      "and exit with status 0; a second signal exits at once, with status 130 or 143. The\n" +
+      "task modules open their own database:\n" +
       "--db sets TASKLITE_DB for them, so a module can call openDatabase(process.env.TASKLITE_DB).\n" +
       "Node.js imports .ts modules only with a loader such as tsx; Bun and Deno import them as\n" +
       "they are.",
@@ -139,7 +140,7 @@ const commands: Command[] = [
     description:
       "Moves a failed or cancelled task back to pending, due now, with a fresh attempt budget.\n" +
       "With --failed, retries every failed task, or those of --name. A failed task whose key a\n" +
-      "pending or running task has stays failed and is counted as skipped.",
+      "scheduled, pending or running task has stays failed and is counted as skipped.",
     options: [
       { name: "failed", help: "Retry every failed task instead of one id." },
       { name: "name", value: "NAME", help: "With --failed: only the tasks of this name." },
@@ -153,10 +154,11 @@ const commands: Command[] = [
   {
     name: "cancel",
     usage: "tasklite cancel <id> [--db URL] [--json]",
-    summary: "Cancel a pending or running task",
+    summary: "Cancel a waiting or running task",
     description:
-      "Cancels a task. A pending task becomes cancelled at once. A running task's runner aborts\n" +
-      "the attempt when it next renews its lease, and then marks the task cancelled.",
+      "Cancels a task. A scheduled or pending task becomes cancelled at once. A running task's\n" +
+      "runner aborts the attempt when it next renews its lease, and then marks the task\n" +
+      "cancelled.",
     options: [dbOption, jsonOption, helpOption],
     positionals: ["id"],
     run: cancelCommand,
@@ -291,7 +293,9 @@ async function retryCommand(args: Arguments): Promise<void> {
     const result = await retryFailed(database, { name });
     if (args.options.has("json")) return printJson(result);
     const skipped = result.skipped > 0
-      ? ` (${countOf(result.skipped, "task")} skipped: a pending or running task has its key)`
+      ? ` (${
+        countOf(result.skipped, "task")
+      } skipped: a scheduled, pending or running task has its key)`
       : "";
     print(`Retried ${countOf(result.retried, "failed task")}${skipped}`);
   });
@@ -535,7 +539,8 @@ async function withDatabase(
   const url = optionalString(args, "db") ?? process.env.TASKLITE_DB ?? "file:tasks.db";
   let database: Database;
   try {
-    database = openDatabase(url);
+    // Commands inspect and change a queue that exists; they never create one at a mistyped path.
+    database = openDatabase(url, { create: false });
   } catch (error) {
     throw new UsageError(`invalid --db: ${(error as Error).message}`);
   }

@@ -52,7 +52,8 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 /**
  * A length of time: milliseconds as a number, or a number followed by a unit: `"500ms"`,
- * `"30s"`, `"5m"`, `"1h"` or `"2d"`.
+ * `"30s"`, `"5m"`, `"1h"` or `"2d"`. Options take up to 100 years unless they name a smaller
+ * range.
  *
  * @example Two ways to write 90 seconds
  * ```ts
@@ -124,12 +125,23 @@ export interface DatabaseOptions {
   now?: () => number;
   /**
    * How often a runner checks a local database file for rows written by other processes, using
-   * `PRAGMA data_version`. Lower values pick up tasks from other processes sooner and cost a
-   * little more CPU while idle.
+   * `PRAGMA data_version`, when the runtime cannot watch the file's WAL for changes (on some
+   * network file systems). Where it can, a commit of another process is seen at once and this
+   * check runs once a second as a backup. Lower values pick up tasks sooner without file events
+   * and cost a little more CPU while idle.
    *
    * @default {"40ms"}
    */
   watchInterval?: Duration;
+  /**
+   * Whether to create what is missing: the database file, and the `tasks` and `schedules`
+   * tables. With `false`, `openDatabase` throws when a local file does not exist, and the first
+   * operation rejects when the database has no `tasks` table, so that a tool which inspects a
+   * queue never creates one at a mistyped path. An older tasklite schema is still upgraded.
+   *
+   * @default {true}
+   */
+  create?: boolean;
 }
 
 /**
@@ -467,17 +479,18 @@ export interface PerformOptions {
    */
   priority?: number;
   /**
-   * A deduplication key. While a task of the same name with this key is `pending` or
-   * `running`, `perform` enqueues nothing and resolves to that task's id. The key is free
-   * again once the task completes, fails, or is cancelled. Only {@linkcode perform} and
-   * {@linkcode performDetailed} take it.
+   * A deduplication key. While a task of the same name with this key waits (`scheduled` or
+   * `pending`) or runs (`running`), `perform` enqueues nothing and resolves to that task's id.
+   * The key is free again once the task completes, fails, or is cancelled. Only
+   * {@linkcode perform} and {@linkcode performDetailed} take it. It may not contain NUL
+   * characters.
    */
   key?: string;
   /**
    * The action of a `perform` with a `key` when a live task of the same name already has the
-   * key. `"ignore"` leaves the existing task as it is. `"replace"` gives a `pending` task this
-   * call's data, due time and priority, and keeps its id and attempt count. A `running` task is
-   * never replaced.
+   * key. `"ignore"` leaves the existing task as it is. `"replace"` gives a waiting task
+   * (`scheduled` or `pending`) this call's data, due time and priority, and keeps its id and
+   * attempt count. A `running` task is never replaced.
    *
    * @default {"ignore"}
    */
@@ -577,7 +590,9 @@ export interface RunTasksOptions {
   /** Stops the runners when it aborts, as {@linkcode Runner.stop} does. */
   signal?: AbortSignal;
   /**
-   * Stop gracefully on SIGINT and SIGTERM. A second signal ends the process at once.
+   * Stop gracefully on SIGINT and SIGTERM, then exit with status 0. A second signal ends the
+   * process at once, with status 130 (SIGINT) or 143 (SIGTERM), and leaves the running tasks to
+   * be taken up again when their leases expire.
    *
    * @default {false}
    */
@@ -929,14 +944,15 @@ function toMilliseconds(value: unknown): number | undefined {
  * milliseconds and outputs milliseconds. A value that is not a duration fails as a type; a
  * number out of range (negative, `Infinity`) fails as a range.
  */
-function durationSchema(minimum = 0, maximum = Number.MAX_SAFE_INTEGER) {
+function durationSchema(minimum = 0, maximum = maxDuration) {
+  const upTo = maximum === maxDuration ? "100 years" : formatDuration(maximum);
   let range: string;
-  if (minimum > 0 && maximum < Number.MAX_SAFE_INTEGER) {
-    range = `from ${formatDuration(minimum)} to ${formatDuration(maximum)}`;
+  if (minimum > 0 && maximum < Infinity) {
+    range = `from ${formatDuration(minimum)} to ${upTo}`;
   } else if (minimum > 0) {
     range = `of at least ${formatDuration(minimum)}`;
-  } else if (maximum < Number.MAX_SAFE_INTEGER) {
-    range = `up to ${formatDuration(maximum)}`;
+  } else if (maximum < Infinity) {
+    range = `up to ${upTo}`;
   } else {
     range = "of 0 or more";
   }
@@ -953,6 +969,15 @@ function durationSchema(minimum = 0, maximum = Number.MAX_SAFE_INTEGER) {
     v.maxValue(maximum, expected),
   );
 }
+
+/**
+ * The longest duration that an option takes unless it names a smaller range: 100 years. A
+ * delay stays far inside the range of `Date`, and a typo such as microseconds is caught.
+ */
+const maxDuration = 100 * 365.25 * 86_400_000;
+
+/** The latest time that a `Date` can hold, in milliseconds since the epoch. */
+const maxTime = 8.64e15;
 
 /** Creates a valibot schema that accepts a valid `Date` or epoch milliseconds and outputs ms. */
 function timeSchema() {
@@ -1444,6 +1469,8 @@ const sql = {
   journalModeWal: "PRAGMA journal_mode = WAL",
   synchronousNormal: "PRAGMA synchronous = NORMAL",
   dataVersion: "PRAGMA data_version",
+  // The path of the main database file, or "" in memory: identifies the file of a transaction.
+  mainFile: "SELECT file FROM pragma_database_list WHERE name = 'main'",
   connectionState:
     "SELECT data_version, synchronous, timeout FROM pragma_data_version, pragma_synchronous, pragma_busy_timeout",
 
@@ -1959,6 +1986,14 @@ class SqliteStorage {
     return { id: live.rows[0].id as string, status: "duplicate" };
   }
 
+  /** The path of the main database file of the client, or of `transaction` when given. */
+  async mainFile(transaction?: Transaction): Promise<string> {
+    const result = transaction === undefined
+      ? await this.execute(sql.mainFile)
+      : await transaction.execute(sql.mainFile);
+    return String(result.rows[0]?.file ?? "");
+  }
+
   /** Checks through `transaction` whether the `tasks` table has every column. */
   async hasCurrentSchema(transaction: Transaction): Promise<boolean> {
     const columns = await transaction.execute(sql.tableColumns);
@@ -2373,7 +2408,20 @@ class SqliteStorage {
    * the changes run in one immediate transaction, so the second process waits and then finds
    * the schema in place.
    */
-  async migrate(local: boolean): Promise<{ busyTimeout: number } | undefined> {
+  async migrate(
+    local: boolean,
+    create: boolean,
+    url: string,
+  ): Promise<{ busyTimeout: number } | undefined> {
+    if (!create) {
+      const columns = await this.execute(sql.tableColumns);
+      if (columns.rows.length === 0) {
+        throw new Error(
+          `No tasklite tables in ${url}: it has no "tasks" table; check that this is the ` +
+            `application's database (the option create: false keeps tasklite from creating them)`,
+        );
+      }
+    }
     let connection: { busyTimeout: number } | undefined;
     if (local) {
       // WAL lets readers run beside the writer. It is a property of the file, so setting it on
@@ -2496,11 +2544,14 @@ class TaskDatabase implements Database {
   /** Closes the client when tasklite created it; undefined for a client passed in. */
   readonly #closeClient: (() => void) | undefined;
   readonly #local: boolean;
+  /** The `create` option: whether `ready()` may create the tables. */
+  readonly #create: boolean;
   /** Whether other connections can write to the database, so `data_version` is worth watching. */
   readonly #shared: boolean;
   readonly #watchInterval: number;
   #ready: Promise<void> | undefined;
   #isReady = false;
+  #mainFile: string | undefined;
   #closed = false;
   #pendingInserts: Array<{ row: NewTaskRow; resolve: () => void; reject: (e: unknown) => void }> =
     [];
@@ -2530,6 +2581,7 @@ class TaskDatabase implements Database {
     this.url = url;
     this.#closeClient = closeClient;
     this.#local = client.protocol === "file";
+    this.#create = options.create;
     this.#shared = this.#local && !identity.startsWith("memory:");
     this.now = options.now === Date.now ? Date.now : checkedClock(options.now);
     this.#watchInterval = options.watchInterval;
@@ -2549,10 +2601,20 @@ class TaskDatabase implements Database {
     return this.#isReady;
   }
 
+  /** The path of the main database file, known once `ready()` resolved; "" in memory. */
+  get mainFile(): string | undefined {
+    return this.#mainFile;
+  }
+
   ready(): Promise<void> {
     if (this.#closed) return Promise.reject(closedError());
-    this.#ready ??= this.storage.migrate(this.#local).then(
-      (connection) => {
+    this.#ready ??= this.storage.migrate(
+      this.#local,
+      this.#create,
+      this.url ?? "the client passed to openDatabase()",
+    ).then(
+      async (connection) => {
+        this.#mainFile = await this.storage.mainFile();
         this.#isReady = true;
         if (connection && connection.busyTimeout === 0 && !this.#busyTimeoutWarned) {
           this.#busyTimeoutWarned = true;
@@ -2965,6 +3027,7 @@ interface ParsedDatabaseOptions {
   authToken?: string;
   now: () => number;
   watchInterval: number;
+  create: boolean;
 }
 
 const databaseOptionsSchema = v.strictObject({
@@ -2975,6 +3038,7 @@ const databaseOptionsSchema = v.strictObject({
     () => Date.now,
   ),
   watchInterval: v.optional(durationSchema(1, 60_000), 40),
+  create: v.optional(v.boolean("true or false"), true),
 });
 
 const remoteSchemes = ["libsql:", "http:", "https:", "ws:", "wss:"];
@@ -3064,7 +3128,14 @@ export function openDatabase(
         `as "file:tasks.db"`,
     );
   }
-  const identity = `file:${resolvePath(path.startsWith("//") ? fileURLToPath(url) : path)}`;
+  const absolute = resolvePath(path.startsWith("//") ? fileURLToPath(url) : path);
+  const identity = `file:${absolute}`;
+  if (!parsed.create && fileIdentity(absolute) === undefined) {
+    throw new Error(
+      `No database file at ${absolute} (from ${JSON.stringify(url)}): check the path ` +
+        `(the option create: false keeps tasklite from creating a new file)`,
+    );
+  }
 
   // Databases opened on one file in one process share one connection. Two connections would
   // deadlock: one waiting for the other's write lock blocks the event loop that the other
@@ -3361,9 +3432,11 @@ const performOptionsSchema = v.strictObject({
     v.pipe(
       v.union([v.date(), v.number()], "a Date or milliseconds since the epoch"),
       v.check(
-        (value) =>
-          value instanceof Date ? !Number.isNaN(value.getTime()) : Number.isSafeInteger(value),
-        "a valid Date or a whole number of milliseconds since the epoch",
+        (value) => {
+          const time = value instanceof Date ? value.getTime() : value;
+          return Number.isSafeInteger(time) && time >= 0 && time <= maxTime;
+        },
+        "a valid Date or a whole number of milliseconds since the epoch, from 1970 on",
       ),
     ),
   ),
@@ -3373,6 +3446,8 @@ const performOptionsSchema = v.strictObject({
       v.string("a string of 1 to 1000 characters"),
       v.minLength(1, "a string of 1 to 1000 characters"),
       v.maxLength(1_000, "a string of 1 to 1000 characters"),
+      // libSQL returns text only up to its first NUL, so such a key would read back cut short.
+      v.check((key) => !key.includes("\0"), "a string without NUL characters (\\u0000)"),
     ),
   ),
   onConflict: v.optional(v.picklist(["ignore", "replace"], '"ignore" or "replace"')),
@@ -3637,7 +3712,7 @@ async function insertWithOptions(
 ): Promise<PerformResult> {
   const { key, transaction } = options;
   if (transaction === undefined) await database.ready();
-  else await checkSchemaIn(database, transaction);
+  else await checkTransaction(database, transaction, "perform()");
   if (database.closed) throw closedError();
 
   let result: PerformResult;
@@ -3658,15 +3733,43 @@ async function insertWithOptions(
  *
  * @throws {Error} When the `tasks` table is missing or lacks columns.
  */
-async function checkSchemaIn(database: TaskDatabase, transaction: Transaction): Promise<void> {
-  if (database.migrated) return;
-  if (await database.storage.hasCurrentSchema(transaction)) return;
-  throw new Error(
-    "Cannot enqueue inside the transaction: the tasks table is not set up yet, and tasklite " +
-      "cannot create it while the transaction holds the connection. Call " +
-      "`await database.ready()` before opening the transaction.",
-  );
+/**
+ * Checks that `transaction` is on the task's database file and that its tables are set up.
+ * Each transaction is checked once per database.
+ */
+async function checkTransaction(
+  database: TaskDatabase,
+  transaction: Transaction,
+  caller: string,
+): Promise<void> {
+  let checked = checkedTransactions.get(transaction);
+  if (checked?.has(database.identity)) return;
+  if (database.mainFile !== undefined) {
+    const file = await database.storage.mainFile(transaction);
+    if (file !== database.mainFile) {
+      throw new Error(
+        `Invalid ${caller} option "transaction": it is on the database file ` +
+          `${JSON.stringify(file)}, but the task's database is ${
+            JSON.stringify(database.mainFile)
+          }; open the transaction with the task's database.client.transaction("write")`,
+      );
+    }
+  } else if (!(await database.storage.hasCurrentSchema(transaction))) {
+    throw new Error(
+      "Cannot enqueue inside the transaction: the tasks table is not set up yet, and tasklite " +
+        "cannot create it while the transaction holds the connection. Call " +
+        "`await database.ready()` before opening the transaction.",
+    );
+  }
+  if (checked === undefined) {
+    checked = new Set();
+    checkedTransactions.set(transaction, checked);
+  }
+  checked.add(database.identity);
 }
+
+/** The identities of the databases that each transaction was checked against. */
+const checkedTransactions = new WeakMap<Transaction, Set<string>>();
 
 /** Callbacks to run after a transaction commits, by transaction. */
 const commitCallbacks = new WeakMap<Transaction, Array<() => void>>();
@@ -3760,7 +3863,7 @@ export async function performMany<T>(
 
   const database = internals.database;
   if (transaction === undefined) await database.ready();
-  else await checkSchemaIn(database, transaction);
+  else await checkTransaction(database, transaction, "performMany()");
   const now = database.now();
   const runAt = runAtOf(parsed, now);
   const rows = serialized.map((data): NewTaskRow => ({
@@ -6158,7 +6261,7 @@ async function loadTaskDirectory(
         );
       }
       throw new Error(
-        `Cannot load task module ${JSON.stringify(file)}: ${logText(toError(error))}`,
+        `Cannot load task module ${JSON.stringify(file)}: ${describeLoadError(error)}`,
         { cause: error },
       );
     }
@@ -6180,6 +6283,54 @@ async function loadTaskDirectory(
 // ---------------------------------------------------------------------------------------------
 // Runner
 // ---------------------------------------------------------------------------------------------
+
+/**
+ * Returns the message of an error thrown by `import()`. Bun reports a syntax error as an
+ * `AggregateError` whose own message only counts the errors, so the first few inner messages
+ * are added, with their line and column where the error has them.
+ */
+function describeLoadError(error: unknown): string {
+  const outer = logText(toError(error));
+  const inner = (error as { errors?: unknown }).errors;
+  if (!(error instanceof AggregateError) || !Array.isArray(inner) || inner.length === 0) {
+    return outer;
+  }
+  const details = inner.slice(0, 3).map((each) => {
+    const message = safeText((each as { message?: unknown })?.message ?? each);
+    const position = (each as { position?: { line?: unknown; column?: unknown } })?.position;
+    return typeof position?.line === "number" && typeof position.column === "number"
+      ? `${message} (line ${position.line}, column ${position.column})`
+      : message;
+  });
+  const more = inner.length > 3 ? `; and ${inner.length - 3} more` : "";
+  return logText(new Error(`${outer}: ${details.join("; ")}${more}`));
+}
+
+/**
+ * Returns each task once, and throws when two different tasks share a name on one database
+ * file: one runner per name and file, because two databases on one file share its rows.
+ */
+function uniqueTasks(definitions: TaskInternals[]): TaskInternals[] {
+  const byKey = new Map<string, TaskInternals>();
+  for (const definition of definitions) {
+    const key = `${definition.database.identity}\n${definition.name}`;
+    const other = byKey.get(key);
+    if (other !== undefined && other !== definition) {
+      let where = "";
+      if (other.file !== undefined && other.file === definition.file) {
+        where = ` (both defined in ${other.file})`;
+      } else if (other.file !== undefined && definition.file !== undefined) {
+        where = ` (in ${other.file} and ${definition.file})`;
+      }
+      throw new Error(
+        `Two tasks are named ${JSON.stringify(definition.name)} on one database${where}: give ` +
+          `each task its own name`,
+      );
+    }
+    byKey.set(key, definition);
+  }
+  return [...byKey.values()];
+}
 
 const runTasksOptionsSchema = v.strictObject({
   debug: v.optional(v.boolean("true or false"), false),
@@ -6280,26 +6431,7 @@ export async function runTasks(
   const definitions = list.map((task, index) =>
     toTaskInternals(task, `runTasks() (item ${index})`)
   );
-  // One runner per task name and database file: two databases on one file share its rows.
-  const byKey = new Map<string, TaskInternals>();
-  for (const definition of definitions) {
-    const key = `${definition.database.identity}\n${definition.name}`;
-    const other = byKey.get(key);
-    if (other !== undefined && other !== definition) {
-      let where = "";
-      if (other.file !== undefined && other.file === definition.file) {
-        where = ` (both defined in ${other.file})`;
-      } else if (other.file !== undefined && definition.file !== undefined) {
-        where = ` (in ${other.file} and ${definition.file})`;
-      }
-      throw new Error(
-        `Two tasks are named ${JSON.stringify(definition.name)} on one database${where}: give ` +
-          `each task its own name`,
-      );
-    }
-    byKey.set(key, definition);
-  }
-  const unique = [...byKey.values()];
+  const unique = uniqueTasks(definitions);
   const names = [...new Set(unique.map((definition) => definition.name))];
 
   const databases = new Set(unique.map((definition) => definition.database));
@@ -7143,6 +7275,7 @@ export async function drain(database: Database, options: DrainOptions): Promise<
     }
     return internals;
   });
+  const unique = uniqueTasks(definitions);
   await taskDatabase.ready();
 
   const counts = { succeeded: 0, failed: 0, retried: 0, cancelled: 0 };
@@ -7150,9 +7283,7 @@ export async function drain(database: Database, options: DrainOptions): Promise<
   events.onEvery((event) => {
     if (event.type in counts) counts[event.type as keyof typeof counts]++;
   });
-  const runners = definitions.map((definition) =>
-    new TaskRunner(definition, logger, false, events)
-  );
+  const runners = unique.map((definition) => new TaskRunner(definition, logger, false, events));
 
   for (let round = 1;; round++) {
     if (round > maxDrainRounds) {
@@ -7217,9 +7348,11 @@ interface NodeProcess {
 const signalNumbers: Record<SignalName, number> = { SIGINT: 2, SIGTERM: 15 };
 
 /**
- * Calls `onSignal` on the first SIGINT or SIGTERM and exits at once on a second one. After the
- * graceful stop, the process ends with the signal's exit code unless something else listens for
- * it. Returns a function that removes the handlers.
+ * Calls `onSignal` on the first SIGINT or SIGTERM and exits at once on a second one, with 128
+ * plus the signal's number (130, 143). After the graceful stop, the process exits with status 0
+ * unless something else listens for the signal: the stop finished what it had to, and service
+ * managers such as systemd count any other status as a failure. Returns a function that removes
+ * the handlers.
  */
 function handleSignals(onSignal: (signal: SignalName) => Promise<void>): () => void {
   const deno = (globalThis as { Deno?: DenoSignals }).Deno;
@@ -7247,9 +7380,9 @@ function handleSignals(onSignal: (signal: SignalName) => Promise<void>): () => v
       const exit = () => {
         // Keep the handlers until the stop is done, so a second signal still exits at once.
         remove();
-        if (deno !== undefined) deno.exit(exitCode);
+        if (deno !== undefined) deno.exit(0);
         else if (nodeProcess !== undefined && nodeProcess.listenerCount(signal) === 0) {
-          nodeProcess.exit(exitCode);
+          nodeProcess.exit(0);
         }
       };
       onSignal(signal).then(exit, exit);

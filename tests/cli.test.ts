@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { createClient } from "@libsql/client";
+import { mkdirSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type Database, defineDatabaseTask, listSchedules, perform, schedule } from "../mod.ts";
@@ -162,11 +163,44 @@ describe("tasklite CLI", () => {
     expect(JSON.parse(fromDirectory.stdout)).toHaveLength(1);
   });
 
-  test("an empty queue says so and names the database", () => {
-    const result = tasklite(["status"]);
+  test("an empty queue says so and names the database", async () => {
+    const { database, directory } = seededDatabase();
+    await database.ready();
+    const result = tasklite(["status"], { cwd: directory });
 
     expect(result.status).toBe(0);
     expect(result.stdout).toBe("No tasks in file:tasks.db\n");
+  });
+
+  for (const command of ["status", "list", "schedules", "retry --failed", "purge"]) {
+    test(`${command} at a path with no file fails and creates nothing`, () => {
+      const directory = temporaryDirectory();
+      const args = [...command.split(" "), "--db", "file:typo.db"];
+      if (command === "purge") args.push("--state", "failed", "--older-than", "0");
+      const result = tasklite(args, { cwd: directory });
+
+      expectUsageError(result, `invalid --db: No database file at ${join(directory, "typo.db")}`);
+      expect(readdirSync(directory)).toEqual([]);
+    });
+  }
+
+  test("status on a database without tasklite's tables fails and adds none", async () => {
+    const { directory, url } = seededDatabase();
+    const client = createClient({ url });
+    await client.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)");
+    client.close();
+
+    const result = tasklite(["status", "--db", url]);
+    expect(result.status).toBe(1);
+    expect(result.stderr).toBe(
+      `tasklite status: No tasklite tables in ${url}: it has no "tasks" table; check that ` +
+        `this is the application's database (the option create: false keeps tasklite from ` +
+        `creating them)\n`,
+    );
+    const check = createClient({ url: `file:${join(directory, "tasks.db")}` });
+    const tables = await check.execute("SELECT name FROM sqlite_master WHERE type = 'table'");
+    check.close();
+    expect(tables.rows.map((row) => row.name)).toEqual(["users"]);
   });
 
   test("list filters tasks and shows the first line of the last error", async () => {
@@ -252,8 +286,10 @@ describe("tasklite CLI", () => {
     expect((await taskRows(database)).map((row) => row.id)).toEqual([pending]);
   });
 
-  test("schedules reports a database without schedules", () => {
-    const result = tasklite(["schedules"]);
+  test("schedules reports a database without schedules", async () => {
+    const { database, directory } = seededDatabase();
+    await database.ready();
+    const result = tasklite(["schedules"], { cwd: directory });
 
     expect(result.status).toBe(0);
     expect(result.stdout).toBe("No schedules in file:tasks.db\n");
@@ -334,7 +370,7 @@ export default defineDatabaseTask<number>(database, {
 
       child.kill("SIGTERM");
 
-      expect(await exited).toBe(143);
+      expect(await exited).toBe(0);
       expect(output).toContain("received SIGTERM, stopping");
       expect(output).toContain("finished 300");
       expect(await taskRows(database)).toEqual([]);

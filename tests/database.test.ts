@@ -1,7 +1,8 @@
 import { describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { defineDatabaseTask, openDatabase, perform } from "../mod.ts";
+import { defineDatabaseTask, listTasks, openDatabase, perform } from "../mod.ts";
 import { taskRows, temporaryDatabaseUrl, temporaryDirectory } from "./helpers.ts";
 
 describe("openDatabase()", () => {
@@ -90,6 +91,34 @@ describe("openDatabase()", () => {
     expect(rows.map((row) => row.id)).toEqual([id]);
     expect(rows[0].data).toBe('{"kept":true}');
     second.close();
+  });
+
+  test("create: false rejects a missing file or tables", async () => {
+    const directory = temporaryDirectory();
+    const missing = join(directory, "missing.db");
+    expect(() => openDatabase(`file:${missing}`, { create: false })).toThrow(
+      `No database file at ${missing} (from "file:${missing}"): check the path`,
+    );
+    expect(existsSync(missing)).toBe(false);
+
+    const url = `file:${join(directory, "app.db")}`;
+    const client = createClient({ url });
+    await client.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)");
+    client.close();
+    const bare = openDatabase(url, { create: false });
+    expect(bare.ready()).rejects.toThrow(`No tasklite tables in ${url}: it has no "tasks" table`);
+    await bare.ready().catch(() => {});
+    const tables = await bare.client.execute("SELECT name FROM sqlite_master WHERE type = 'table'");
+    expect(tables.rows.map((row) => row.name)).toEqual(["users"]);
+    bare.close();
+
+    const created = openDatabase(url);
+    const task = defineDatabaseTask(created, { name: "mail", process() {} });
+    const id = await perform(task, 1);
+    created.close();
+    const existing = openDatabase(url, { create: false });
+    expect((await listTasks(existing)).map((task) => task.id)).toEqual([id]);
+    existing.close();
   });
 
   test("works on :memory:", async () => {

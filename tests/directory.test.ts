@@ -100,6 +100,17 @@ describe("runTasks(directory)", () => {
     );
   });
 
+  test("a syntax error names its line and column", async () => {
+    const { directory } = taskDirectory({ "typo.ts": "const ok = 1;\nexport default {{{\n" });
+    const error = await runTasks(directory).catch((error) => error as Error);
+    expect(error.message).toStartWith(
+      `Cannot load task module ${JSON.stringify(join(directory, "typo.ts"))}: `,
+    );
+    // Each runtime words it its own way; each names what it expected and where.
+    expect(error.message).toMatch(/expected|unexpected/i);
+    if (error.cause instanceof AggregateError) expect(error.message).toContain("(line 2, column");
+  });
+
   test("a module that throws while loading is named in the error", async () => {
     const { directory } = taskDirectory({ "explodes.ts": "throw new Error('config missing');" });
     const error = await runTasks(directory).catch((error) => error as Error);

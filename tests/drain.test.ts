@@ -203,6 +203,26 @@ database.close();
     );
   });
 
+  test("rejects two tasks with one name, and runs neither", async () => {
+    const database = open();
+    const runs: string[] = [];
+    const first = defineDatabaseTask(database, {
+      name: "same",
+      process: () => void runs.push("a"),
+    });
+    const second = defineDatabaseTask(database, {
+      name: "same",
+      process: () => void runs.push("b"),
+    });
+    await perform(second, 1);
+
+    await expect(drain(database, { tasks: [first, second] })).rejects.toThrow(
+      'Two tasks are named "same" on one database',
+    );
+    expect(runs).toEqual([]);
+    expect(await taskRows(database)).toHaveLength(1);
+  });
+
   test("rejects missing tasks and an invalid now", async () => {
     const database = open();
     // deno-lint-ignore no-explicit-any

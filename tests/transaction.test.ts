@@ -6,6 +6,7 @@ import {
   performDetailed,
   performMany,
 } from "../mod.ts";
+import type { Transaction } from "@libsql/client";
 import { taskRows, useResources, waitFor } from "./helpers.ts";
 
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
@@ -142,6 +143,39 @@ describe("perform() with a transaction", () => {
       'Invalid perform() option "transaction": the transaction is already committed, rolled back or closed; pass an open one',
     );
     expect(await taskRows(database)).toEqual([]);
+  });
+
+  test("rejects a transaction on another database file and writes nothing", async () => {
+    const database = await openWithContacts();
+    const other = await openWithContacts();
+    const task = defineDatabaseTask(database, { name: "welcome", process() {} });
+    const otherFile = String(
+      (await other.client.execute("SELECT file FROM pragma_database_list WHERE name = 'main'"))
+        .rows[0].file,
+    );
+
+    for (
+      const enqueue of [
+        (transaction: Transaction) => perform(task, 1, { transaction }),
+        (transaction: Transaction) => performMany(task, [1, 2], { transaction }),
+      ]
+    ) {
+      const transaction = await other.client.transaction("write");
+      await expect(enqueue(transaction)).rejects.toThrow(
+        `option "transaction": it is on the database file ${JSON.stringify(otherFile)}, but ` +
+          `the task's database is`,
+      );
+      await transaction.commit();
+    }
+    expect(await taskRows(database)).toEqual([]);
+    expect(await taskRows(other)).toEqual([]);
+
+    // A transaction on the task's own database is accepted, and checked once.
+    const own = await database.client.transaction("write");
+    await perform(task, 1, { transaction: own });
+    await performMany(task, [2, 3], { transaction: own });
+    await own.commit();
+    expect(await taskRows(database)).toHaveLength(3);
   });
 
   test("rejects a value that is not a transaction", async () => {
