@@ -536,13 +536,21 @@ async function withDatabase(
   args: Arguments,
   use: (database: Database, url: string) => Promise<void>,
 ): Promise<void> {
-  const url = optionalString(args, "db") ?? process.env.TASKLITE_DB ?? "file:tasks.db";
+  const option = optionalString(args, "db");
+  // An empty variable counts as unset, as with ${VAR:-default} in a POSIX shell.
+  const variable = process.env.TASKLITE_DB || undefined;
+  const url = option ?? variable ?? "file:tasks.db";
+  const source = option !== undefined
+    ? "invalid --db"
+    : variable !== undefined
+    ? "invalid TASKLITE_DB"
+    : 'no --db and no TASKLITE_DB, so the default "file:tasks.db" was used';
   let database: Database;
   try {
     // Commands inspect and change a queue that exists; they never create one at a mistyped path.
     database = openDatabase(url, { create: false });
   } catch (error) {
-    throw new UsageError(`invalid --db: ${(error as Error).message}`);
+    throw new UsageError(`${source}: ${(error as Error).message}`);
   }
   try {
     await use(database, url);

@@ -40,9 +40,9 @@ import {
 } from "@libsql/client";
 import { Cron } from "croner";
 import * as v from "valibot";
-import { type FSWatcher, statSync, watch } from "node:fs";
+import { type FSWatcher, realpathSync, statSync, watch } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
-import { basename, extname, join, resolve as resolvePath } from "node:path";
+import { basename, dirname, extname, join, resolve as resolvePath } from "node:path";
 import { setImmediate } from "node:timers";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
@@ -952,7 +952,7 @@ function durationSchema(minimum = 0, maximum = maxDuration) {
   } else if (minimum > 0) {
     range = `of at least ${formatDuration(minimum)}`;
   } else if (maximum < Infinity) {
-    range = `up to ${upTo}`;
+    range = `from 0 ms to ${upTo}`;
   } else {
     range = "of 0 or more";
   }
@@ -971,7 +971,7 @@ function durationSchema(minimum = 0, maximum = maxDuration) {
 }
 
 /**
- * The longest duration that an option takes unless it names a smaller range: 100 years. A
+ * The maximum duration of an option that names no smaller range: 100 years. A
  * delay stays far inside the range of `Date`, and a typo such as microseconds is caught.
  */
 const maxDuration = 100 * 365.25 * 86_400_000;
@@ -1471,6 +1471,11 @@ const sql = {
   dataVersion: "PRAGMA data_version",
   // The path of the main database file, or "" in memory: identifies the file of a transaction.
   mainFile: "SELECT file FROM pragma_database_list WHERE name = 'main'",
+  // An in-memory database has no file, so its one connection gets a mark in a temporary table.
+  createConnectionMark: "CREATE TEMP TABLE IF NOT EXISTS tasklite_connection (mark TEXT NOT NULL)",
+  clearConnectionMark: "DELETE FROM temp.tasklite_connection",
+  insertConnectionMark: "INSERT INTO temp.tasklite_connection (mark) VALUES (?)",
+  connectionMark: "SELECT mark FROM temp.tasklite_connection",
   connectionState:
     "SELECT data_version, synchronous, timeout FROM pragma_data_version, pragma_synchronous, pragma_busy_timeout",
 
@@ -1994,6 +1999,26 @@ class SqliteStorage {
     return String(result.rows[0]?.file ?? "");
   }
 
+  /** Gives the connection of an in-memory database the mark that identifies it. */
+  async markConnection(mark: string): Promise<void> {
+    await this.run([
+      { sql: sql.createConnectionMark, args: [] },
+      { sql: sql.clearConnectionMark, args: [] },
+      { sql: sql.insertConnectionMark, args: [mark] },
+    ]);
+  }
+
+  /** Returns the mark of the connection of `transaction`, or undefined when it has none. */
+  async connectionMark(transaction: Transaction): Promise<string | undefined> {
+    try {
+      const result = await transaction.execute(sql.connectionMark);
+      return result.rows[0]?.mark as string | undefined;
+    } catch {
+      // No mark table: the connection is not one that tasklite marked.
+      return undefined;
+    }
+  }
+
   /** Checks through `transaction` whether the `tasks` table has every column. */
   async hasCurrentSchema(transaction: Transaction): Promise<boolean> {
     const columns = await transaction.execute(sql.tableColumns);
@@ -2414,11 +2439,20 @@ class SqliteStorage {
     url: string,
   ): Promise<{ busyTimeout: number } | undefined> {
     if (!create) {
+      // Checked before anything is written, the journal mode included.
       const columns = await this.execute(sql.tableColumns);
       if (columns.rows.length === 0) {
         throw new Error(
           `No tasklite tables in ${url}: it has no "tasks" table; check that this is the ` +
-            `application's database (the option create: false keeps tasklite from creating them)`,
+            `application's database (with create: false, tasklite creates no tables)`,
+        );
+      }
+      const present = new Set(columns.rows.map((row) => row.name as string));
+      if (!present.has("state") || !present.has("run_at")) {
+        throw new Error(
+          `The "tasks" table in ${url} is not tasklite's (it has no "state" and "run_at" ` +
+            `columns); check that this is the application's database, or open it once without ` +
+            `create: false to migrate a plainweb task table`,
         );
       }
     }
@@ -2601,6 +2635,11 @@ class TaskDatabase implements Database {
     return this.#isReady;
   }
 
+  /** The path of a local file that tasklite opened, symbolic links resolved; else undefined. */
+  get localPath(): string | undefined {
+    return this.#file?.path;
+  }
+
   /** The path of the main database file, known once `ready()` resolved; "" in memory. */
   get mainFile(): string | undefined {
     return this.#mainFile;
@@ -2615,6 +2654,7 @@ class TaskDatabase implements Database {
     ).then(
       async (connection) => {
         this.#mainFile = await this.storage.mainFile();
+        if (this.#mainFile === "") await this.storage.markConnection(this.identity);
         this.#isReady = true;
         if (connection && connection.busyTimeout === 0 && !this.#busyTimeoutWarned) {
           this.#busyTimeoutWarned = true;
@@ -2628,6 +2668,16 @@ class TaskDatabase implements Database {
       (error) => {
         // A failed migration is not cached, so a later call tries again.
         this.#ready = undefined;
+        if ((error as { code?: unknown })?.code === "SQLITE_NOTADB") {
+          throw new Error(
+            `${
+              JSON.stringify(this.url ?? "The client's database")
+            } is not a SQLite database file (${
+              logText(toError(error))
+            }); check the path, or move that file aside`,
+            { cause: error },
+          );
+        }
         throw error;
       },
     );
@@ -3062,6 +3112,8 @@ let databaseCounter = 0;
  * the first one needs to commit. For the same reason, every `openDatabase()` of one file in one
  * process shares that connection (the first call's `busyTimeout` applies), and the application
  * should run its own queries through {@linkcode Database.client} rather than a second client.
+ * A path through a symbolic link counts as the file it points to. Percent escapes in the path
+ * are decoded, as the libSQL client does: `"file:my%20tasks.db"` opens `my tasks.db`.
  *
  * @param url A `file:` URL (`"file:tasks.db"`, `"file:/var/data/app.db"`), `":memory:"`, a
  *   remote `libsql://`, `http(s)://` or `ws(s)://` URL, or an existing libSQL `Client` (for
@@ -3069,6 +3121,7 @@ let databaseCounter = 0;
  * @param options See {@linkcode DatabaseOptions}.
  * @returns The database.
  * @throws {TypeError} When the URL or an option is invalid.
+ * @throws {Error} With `create: false`, when no file exists at a local path.
  *
  * @example Open a local file
  * ```ts
@@ -3120,7 +3173,7 @@ export function openDatabase(
     return new TaskDatabase(client, url, parsed, identity, () => client.close());
   }
 
-  const path = url.slice("file:".length).replace(/\?.*$/, "");
+  const path = filePathOf(url);
   if (path === "") {
     throw new TypeError(
       `Invalid database URL ${JSON.stringify(url)}: the path is empty, which SQLite treats ` +
@@ -3128,14 +3181,15 @@ export function openDatabase(
         `as "file:tasks.db"`,
     );
   }
-  const absolute = resolvePath(path.startsWith("//") ? fileURLToPath(url) : path);
-  const identity = `file:${absolute}`;
+  const absolute = resolvePath(path);
   if (!parsed.create && fileIdentity(absolute) === undefined) {
     throw new Error(
-      `No database file at ${absolute} (from ${JSON.stringify(url)}): check the path ` +
-        `(the option create: false keeps tasklite from creating a new file)`,
+      `No database file at ${absolute} (from ${JSON.stringify(url)}): check the path; with ` +
+        `create: false, tasklite opens only a database that exists`,
     );
   }
+  // A symbolic link to the file or its folder is the same file, so it gets the same connection.
+  const identity = `file:${realPathOf(absolute)}`;
 
   // Databases opened on one file in one process share one connection. Two connections would
   // deadlock: one waiting for the other's write lock blocks the event loop that the other
@@ -3153,6 +3207,47 @@ export function openDatabase(
     entry.client.close();
     if (sharedClients.get(identity) === entry) sharedClients.delete(identity);
   });
+}
+
+/**
+ * Returns the path of a `file:` URL as the libSQL client reads it: after an empty or
+ * `localhost` authority, before any query or fragment, with percent escapes decoded.
+ *
+ * @throws {TypeError} When the URL names another host or has an invalid percent escape.
+ */
+function filePathOf(url: string): string {
+  const [, authority, encoded] = /^file:(?:\/\/([^/?#]*))?([^?#]*)/i.exec(url)!;
+  if (authority !== undefined && authority !== "" && authority.toLowerCase() !== "localhost") {
+    throw new TypeError(
+      `Invalid database URL ${JSON.stringify(url)}: a file: URL cannot name a host ` +
+        `(${JSON.stringify(authority)}); write "file:/absolute/path.db" or ` +
+        `"file:///absolute/path.db"`,
+    );
+  }
+  try {
+    return decodeURIComponent(encoded);
+  } catch {
+    throw new TypeError(
+      `Invalid database URL ${JSON.stringify(url)}: its path has an invalid percent escape; ` +
+        `write "%25" for a "%" in a file name`,
+    );
+  }
+}
+
+/**
+ * Returns the path with symbolic links resolved, as SQLite opens it. For a file that does not
+ * exist yet, resolves its folder instead; returns the path unchanged when neither exists.
+ */
+function realPathOf(path: string): string {
+  try {
+    return realpathSync(path);
+  } catch {
+    try {
+      return join(realpathSync(dirname(path)), basename(path));
+    } catch {
+      return path;
+    }
+  }
 }
 
 /** The clients of local files opened in this process, by absolute path, with their users. */
@@ -3436,7 +3531,8 @@ const performOptionsSchema = v.strictObject({
           const time = value instanceof Date ? value.getTime() : value;
           return Number.isSafeInteger(time) && time >= 0 && time <= maxTime;
         },
-        "a valid Date or a whole number of milliseconds since the epoch, from 1970 on",
+        "a valid Date or a whole number of milliseconds since the epoch, from 1970 to the " +
+          "year 275760 (the last valid Date)",
       ),
     ),
   ),
@@ -3448,6 +3544,11 @@ const performOptionsSchema = v.strictObject({
       v.maxLength(1_000, "a string of 1 to 1000 characters"),
       // libSQL returns text only up to its first NUL, so such a key would read back cut short.
       v.check((key) => !key.includes("\0"), "a string without NUL characters (\\u0000)"),
+      // SQLite stores text as UTF-8, where a lone surrogate becomes U+FFFD, so such keys collide.
+      v.check(
+        (key) => !/\p{Cs}/u.test(key),
+        "well-formed text, without a lone surrogate such as half of an emoji that slice() cut",
+      ),
     ),
   ),
   onConflict: v.optional(v.picklist(["ignore", "replace"], '"ignore" or "replace"')),
@@ -3468,28 +3569,31 @@ function isTransaction(value: unknown): value is Transaction {
 /** The parsed form of no options, computed once: most calls of `perform` pass none. */
 let defaultPerformOptions: ParsedPerformOptions | undefined;
 
-function parsePerformOptions(options: PerformOptions | undefined): ParsedPerformOptions {
+function parsePerformOptions(
+  options: PerformOptions | undefined,
+  caller = "perform()",
+): ParsedPerformOptions {
   if (options === undefined) {
-    defaultPerformOptions ??= parseOptions(performOptionsSchema, {}, "perform()");
+    defaultPerformOptions ??= parseOptions(performOptionsSchema, {}, caller);
     return defaultPerformOptions;
   }
-  const parsed = parseOptions(performOptionsSchema, options, "perform()");
+  const parsed = parseOptions(performOptionsSchema, options, caller);
   if (parsed.delay !== undefined && parsed.runAt !== undefined) {
     throw new TypeError(
-      `Invalid perform() options: pass either "delay" or "runAt", not both (received delay ${
+      `Invalid ${caller} options: pass either "delay" or "runAt", not both (received delay ${
         describeValue(options?.delay)
       } and runAt ${describeValue(options?.runAt)})`,
     );
   }
   if (parsed.onConflict !== undefined && parsed.key === undefined) {
     throw new TypeError(
-      `Invalid perform() option "onConflict": it applies to a task with a "key", and no key ` +
+      `Invalid ${caller} option "onConflict": it applies to a task with a "key", and no key ` +
         `was passed (received onConflict ${describeValue(parsed.onConflict)})`,
     );
   }
   if (parsed.transaction?.closed) {
     throw new TypeError(
-      'Invalid perform() option "transaction": the transaction is already committed, rolled ' +
+      `Invalid ${caller} option "transaction": the transaction is already committed, rolled ` +
         "back or closed; pass an open one",
     );
   }
@@ -3632,7 +3736,7 @@ export async function perform<T>(
   const row = buildRow(internals, data, parsed);
 
   if (parsed.key !== undefined || parsed.transaction !== undefined) {
-    const result = await insertWithOptions(internals.database, row, parsed);
+    const result = await insertWithOptions(internals.database, row, parsed, "perform()");
     return result.id;
   }
   await internals.database.insert(row);
@@ -3669,12 +3773,12 @@ export async function performDetailed<T>(
   options?: PerformOptions,
 ): Promise<PerformResult> {
   const internals = toTaskInternals(task, "performDetailed()");
-  const parsed = parsePerformOptions(options);
+  const parsed = parsePerformOptions(options, "performDetailed()");
   if (internals.schema !== undefined) await validateData(internals, data, "data");
   const row = buildRow(internals, data, parsed);
 
   if (parsed.key !== undefined || parsed.transaction !== undefined) {
-    return await insertWithOptions(internals.database, row, parsed);
+    return await insertWithOptions(internals.database, row, parsed, "performDetailed()");
   }
   await internals.database.insert(row);
   return { id: row.id, status: "created" };
@@ -3709,10 +3813,11 @@ async function insertWithOptions(
   database: TaskDatabase,
   row: NewTaskRow,
   options: ParsedPerformOptions,
+  caller: string,
 ): Promise<PerformResult> {
   const { key, transaction } = options;
   if (transaction === undefined) await database.ready();
-  else await checkTransaction(database, transaction, "perform()");
+  else await checkTransaction(database, transaction, caller);
   if (database.closed) throw closedError();
 
   let result: PerformResult;
@@ -3744,17 +3849,30 @@ async function checkTransaction(
 ): Promise<void> {
   let checked = checkedTransactions.get(transaction);
   if (checked?.has(database.identity)) return;
-  if (database.mainFile !== undefined) {
-    const file = await database.storage.mainFile(transaction);
-    if (file !== database.mainFile) {
-      throw new Error(
-        `Invalid ${caller} option "transaction": it is on the database file ` +
-          `${JSON.stringify(file)}, but the task's database is ${
-            JSON.stringify(database.mainFile)
-          }; open the transaction with the task's database.client.transaction("write")`,
-      );
-    }
-  } else if (!(await database.storage.hasCurrentSchema(transaction))) {
+
+  const file = await database.storage.mainFile(transaction);
+  // Undefined when neither is known: a remote database, or a client passed in, before ready().
+  let same: boolean | undefined;
+  if (database.mainFile === "") {
+    same = file === "" && await database.storage.connectionMark(transaction) === database.identity;
+  } else if (database.mainFile !== undefined) {
+    same = file === database.mainFile;
+  } else if (database.localPath !== undefined) {
+    same = file !== "" && isSameFile(file, database.localPath);
+  }
+  if (same === false) {
+    const expected = database.mainFile ?? database.localPath ?? "";
+    const where = file === "" && expected === ""
+      ? "another in-memory database than the task's"
+      : `${describeDatabaseFile(file)}, but the task's database is ${
+        describeDatabaseFile(expected)
+      }`;
+    throw new Error(
+      `Invalid ${caller} option "transaction": it is on ${where}; open the transaction with ` +
+        `the task's database.client.transaction("write")`,
+    );
+  }
+  if (database.mainFile === undefined && !(await database.storage.hasCurrentSchema(transaction))) {
     throw new Error(
       "Cannot enqueue inside the transaction: the tasks table is not set up yet, and tasklite " +
         "cannot create it while the transaction holds the connection. Call " +
@@ -3766,6 +3884,23 @@ async function checkTransaction(
     checkedTransactions.set(transaction, checked);
   }
   checked.add(database.identity);
+}
+
+/** "the database file "/path"", or "an in-memory database" for an empty path. */
+function describeDatabaseFile(path: string): string {
+  return path === "" ? "an in-memory database" : `the database file ${JSON.stringify(path)}`;
+}
+
+/** Returns whether two paths name one file: the same text, or the same device and inode. */
+function isSameFile(first: string, second: string): boolean {
+  if (first === second) return true;
+  try {
+    const identity = fileIdentity(first);
+    return identity !== undefined && identity === fileIdentity(second);
+  } catch {
+    // A path that cannot be read is not known to be the same file.
+    return false;
+  }
 }
 
 /** The identities of the databases that each transaction was checked against. */
@@ -3838,7 +3973,7 @@ export async function performMany<T>(
       `Invalid items for performMany(): expected an array, received ${describeValue(items)}`,
     );
   }
-  const parsed = parsePerformOptions(options);
+  const parsed = parsePerformOptions(options, "performMany()");
   if (parsed.key !== undefined) {
     throw new TypeError(
       `Invalid performMany() option "key": a key belongs to one run, so pass it to perform() ` +
@@ -6285,25 +6420,26 @@ async function loadTaskDirectory(
 // ---------------------------------------------------------------------------------------------
 
 /**
- * Returns the message of an error thrown by `import()`. Bun reports a syntax error as an
- * `AggregateError` whose own message only counts the errors, so the first few inner messages
- * are added, with their line and column where the error has them.
+ * Returns the message of an error thrown by `import()`, with the line and column of a syntax
+ * error where the error carries them. Bun reports one syntax error as a `BuildMessage` with a
+ * `position`, and several as an `AggregateError` whose own message only counts them, so the
+ * first three inner messages are added.
  */
 function describeLoadError(error: unknown): string {
-  const outer = logText(toError(error));
-  const inner = (error as { errors?: unknown }).errors;
-  if (!(error instanceof AggregateError) || !Array.isArray(inner) || inner.length === 0) {
-    return outer;
-  }
-  const details = inner.slice(0, 3).map((each) => {
+  const withPosition = (each: unknown): string => {
     const message = safeText((each as { message?: unknown })?.message ?? each);
     const position = (each as { position?: { line?: unknown; column?: unknown } })?.position;
     return typeof position?.line === "number" && typeof position.column === "number"
       ? `${message} (line ${position.line}, column ${position.column})`
       : message;
-  });
+  };
+  const inner = (error as { errors?: unknown }).errors;
+  if (!(error instanceof AggregateError) || !Array.isArray(inner) || inner.length === 0) {
+    return logText(new Error(withPosition(error)));
+  }
+  const details = inner.slice(0, 3).map(withPosition);
   const more = inner.length > 3 ? `; and ${inner.length - 3} more` : "";
-  return logText(new Error(`${outer}: ${details.join("; ")}${more}`));
+  return logText(new Error(`${logText(toError(error))}: ${details.join("; ")}${more}`));
 }
 
 /**

@@ -184,6 +184,27 @@ describe("tasklite CLI", () => {
     });
   }
 
+  test("a missing database names where its URL came from", () => {
+    const directory = temporaryDirectory();
+
+    const fromVariable = tasklite(["status"], {
+      cwd: directory,
+      env: { TASKLITE_DB: "file:nope.db" },
+    });
+    expectUsageError(
+      fromVariable,
+      `invalid TASKLITE_DB: No database file at ${join(directory, "nope.db")}`,
+    );
+
+    const fromDefault = tasklite(["list"], { cwd: directory, env: { TASKLITE_DB: "" } });
+    expectUsageError(
+      fromDefault,
+      `no --db and no TASKLITE_DB, so the default "file:tasks.db" was used: No database file ` +
+        `at ${join(directory, "tasks.db")}`,
+    );
+    expect(readdirSync(directory)).toEqual([]);
+  });
+
   test("status on a database without tasklite's tables fails and adds none", async () => {
     const { directory, url } = seededDatabase();
     const client = createClient({ url });
@@ -194,8 +215,7 @@ describe("tasklite CLI", () => {
     expect(result.status).toBe(1);
     expect(result.stderr).toBe(
       `tasklite status: No tasklite tables in ${url}: it has no "tasks" table; check that ` +
-        `this is the application's database (the option create: false keeps tasklite from ` +
-        `creating them)\n`,
+        `this is the application's database (with create: false, tasklite creates no tables)\n`,
     );
     const check = createClient({ url: `file:${join(directory, "tasks.db")}` });
     const tables = await check.execute("SELECT name FROM sqlite_master WHERE type = 'table'");

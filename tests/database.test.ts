@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { defineDatabaseTask, listTasks, openDatabase, perform } from "../mod.ts";
 import { taskRows, temporaryDatabaseUrl, temporaryDirectory } from "./helpers.ts";
@@ -112,6 +112,19 @@ describe("openDatabase()", () => {
     expect(tables.rows.map((row) => row.name)).toEqual(["users"]);
     bare.close();
 
+    // An application table named "tasks" is not tasklite's: nothing is written, not even WAL.
+    const other = `file:${join(directory, "other.db")}`;
+    const otherClient = createClient({ url: other });
+    await otherClient.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, title TEXT)");
+    otherClient.close();
+    const foreign = openDatabase(other, { create: false });
+    expect(foreign.ready()).rejects.toThrow(`The "tasks" table in ${other} is not tasklite's`);
+    await foreign.ready().catch(() => {});
+    const mode = await foreign.client.execute("PRAGMA journal_mode");
+    expect(mode.rows[0].journal_mode).toBe("delete");
+    foreign.close();
+    expect(existsSync(join(directory, "other.db-wal"))).toBe(false);
+
     const created = openDatabase(url);
     const task = defineDatabaseTask(created, { name: "mail", process() {} });
     const id = await perform(task, 1);
@@ -119,6 +132,47 @@ describe("openDatabase()", () => {
     const existing = openDatabase(url, { create: false });
     expect((await listTasks(existing)).map((task) => task.id)).toEqual([id]);
     existing.close();
+  });
+
+  test("decodes percent escapes in a file: URL, as libSQL does", async () => {
+    const directory = temporaryDirectory();
+    const database = openDatabase(`file:${join(directory, "my%20tasks.db")}`);
+    const task = defineDatabaseTask(database, { name: "mail", process() {} });
+    await perform(task, 1);
+    expect((await listTasks(database)).length).toBe(1);
+    database.close();
+    expect(readdirSync(directory).filter((name) => name.endsWith(".db"))).toEqual([
+      "my tasks.db",
+    ]);
+
+    expect(() => openDatabase(`file:${join(directory, "bad%zz.db")}`)).toThrow(
+      'its path has an invalid percent escape; write "%25" for a "%" in a file name',
+    );
+    expect(() => openDatabase("file://example.com/tmp/tasks.db")).toThrow(
+      'a file: URL cannot name a host ("example.com")',
+    );
+  });
+
+  test("a symbolic link to the file shares its connection", async () => {
+    const directory = temporaryDirectory();
+    const path = join(directory, "real.db");
+    const first = openDatabase(`file:${path}`);
+    await first.ready();
+    symlinkSync(path, join(directory, "link.db"));
+    const second = openDatabase(`file:${join(directory, "link.db")}`);
+    expect(second.client).toBe(first.client);
+    second.close();
+    first.close();
+  });
+
+  test("a file that is not SQLite is named in the error", async () => {
+    const path = join(temporaryDirectory(), "notes.db");
+    writeFileSync(path, "plain text, not a database; ".repeat(10));
+    const database = openDatabase(`file:${path}`);
+    await expect(database.ready()).rejects.toThrow(
+      `"file:${path}" is not a SQLite database file (SQLITE_NOTADB: file is not a database)`,
+    );
+    database.close();
   });
 
   test("works on :memory:", async () => {
@@ -292,7 +346,7 @@ describe("openDatabase()", () => {
     [
       { busyTimeout: -1 },
       RangeError,
-      'Invalid openDatabase() option "busyTimeout": expected a duration up to 1 h',
+      'Invalid openDatabase() option "busyTimeout": expected a duration from 0 ms to 1 h',
     ],
     [{ busyTimeout: "5 seconds" }, TypeError, 'received "5 seconds"'],
     [

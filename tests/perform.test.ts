@@ -209,23 +209,34 @@ describe("perform()", () => {
       "a negative delay",
       { delay: -5 },
       RangeError,
-      'Invalid perform() option "delay": expected a duration up to 100 years',
+      'Invalid perform() option "delay": expected a duration from 0 ms to 100 years',
     ],
     [
       "a delay beyond 100 years",
       { delay: 1e300 },
       RangeError,
-      'Invalid perform() option "delay": expected a duration up to 100 years (milliseconds or a string such as "500ms", "30s", "5m", "1h" or "2d"), received 1e+300',
+      'Invalid perform() option "delay": expected a duration from 0 ms to 100 years (milliseconds or a string such as "500ms", "30s", "5m", "1h" or "2d"), received 1e+300',
     ],
-    ["an infinite delay", { delay: Infinity }, RangeError, "up to 100 years"],
-    ["a delay string beyond 100 years", { delay: "99999999999d" }, RangeError, "up to 100"],
+    ["an infinite delay", { delay: Infinity }, RangeError, "from 0 ms to 100 years"],
+    ["a delay string beyond 100 years", { delay: "99999999999d" }, RangeError, "to 100 years"],
     [
       "a runAt before 1970",
       { runAt: -1 },
       RangeError,
-      'option "runAt": expected a valid Date or a whole number of milliseconds since the epoch, from 1970 on, received -1',
+      'option "runAt": expected a valid Date or a whole number of milliseconds since the epoch, from 1970 to the year 275760 (the last valid Date), received -1',
     ],
-    ["a runAt beyond the range of Date", { runAt: 8.64e15 + 1 }, RangeError, "from 1970 on"],
+    [
+      "a runAt beyond the range of Date",
+      { runAt: 8.64e15 + 1 },
+      RangeError,
+      "from 1970 to the year 275760",
+    ],
+    [
+      "a key with a lone surrogate",
+      { key: "a\uD800" },
+      TypeError,
+      'option "key": expected well-formed text, without a lone surrogate',
+    ],
     [
       "a key with a NUL character",
       { key: "order\u0000A" },
@@ -356,6 +367,15 @@ describe("performMany()", () => {
     await expect(performMany(task, "abc" as any)).rejects.toThrow(
       'Invalid items for performMany(): expected an array, received "abc"',
     );
+    database.close();
+  });
+
+  test("names performMany() in an option error and writes nothing", async () => {
+    const { database, task } = setup();
+    await expect(performMany(task, [1, 2], { delay: -5 })).rejects.toThrow(
+      'Invalid performMany() option "delay": expected a duration from 0 ms to 100 years',
+    );
+    expect(await taskRows(database)).toEqual([]);
     database.close();
   });
 });

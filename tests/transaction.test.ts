@@ -2,6 +2,7 @@ import { describe, expect, test } from "bun:test";
 import {
   type Database,
   defineDatabaseTask,
+  openDatabase,
   perform,
   performDetailed,
   performMany,
@@ -176,6 +177,39 @@ describe("perform() with a transaction", () => {
     await performMany(task, [2, 3], { transaction: own });
     await own.commit();
     expect(await taskRows(database)).toHaveLength(3);
+  });
+
+  test("rejects a transaction of another database before ready() and in memory", async () => {
+    const ready = await openWithContacts();
+    const notReady = open();
+    const task = defineDatabaseTask(notReady, { name: "welcome", process() {} });
+    const transaction = await ready.client.transaction("write");
+    await expect(perform(task, 1, { transaction })).rejects.toThrow(
+      'Invalid perform() option "transaction": it is on the database file',
+    );
+    transaction.close();
+    expect(await taskRows(ready)).toEqual([]);
+
+    const memory = openDatabase(":memory:");
+    const otherMemory = openDatabase(":memory:");
+    try {
+      await memory.ready();
+      await otherMemory.ready();
+      const inMemory = defineDatabaseTask(memory, { name: "welcome", process() {} });
+      const other = await otherMemory.client.transaction("write");
+      await expect(perform(inMemory, 1, { transaction: other })).rejects.toThrow(
+        'option "transaction": it is on another in-memory database than the task\'s',
+      );
+      other.close();
+      const own = await memory.client.transaction("write");
+      await perform(inMemory, 1, { transaction: own });
+      await own.commit();
+      expect(await taskRows(memory)).toHaveLength(1);
+      expect(await taskRows(otherMemory)).toEqual([]);
+    } finally {
+      memory.close();
+      otherMemory.close();
+    }
   });
 
   test("rejects a value that is not a transaction", async () => {
