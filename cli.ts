@@ -540,19 +540,25 @@ async function withDatabase(
   // An empty variable counts as unset, as with ${VAR:-default} in a POSIX shell.
   const variable = process.env.TASKLITE_DB || undefined;
   const url = option ?? variable ?? "file:tasks.db";
-  const source = option !== undefined
-    ? "invalid --db"
-    : variable !== undefined
-    ? "invalid TASKLITE_DB"
-    : 'no --db and no TASKLITE_DB, so the default "file:tasks.db" was used';
+  let source = "--db";
+  if (option === undefined && variable !== undefined) source = "TASKLITE_DB";
+  else if (option === undefined) {
+    const unset = process.env.TASKLITE_DB === undefined ? "no TASKLITE_DB" : "TASKLITE_DB empty";
+    source = `the default "file:tasks.db" (no --db, ${unset})`;
+  }
   let database: Database;
   try {
     // Commands inspect and change a queue that exists; they never create one at a mistyped path.
     database = openDatabase(url, { create: false });
   } catch (error) {
-    throw new UsageError(`${source}: ${(error as Error).message}`);
+    throw new UsageError(`invalid database from ${source}: ${(error as Error).message}`);
   }
   try {
+    try {
+      await database.ready();
+    } catch (error) {
+      throw new Error(`database from ${source}: ${(error as Error).message}`, { cause: error });
+    }
     await use(database, url);
   } finally {
     database.close();

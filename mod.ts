@@ -482,8 +482,8 @@ export interface PerformOptions {
    * A deduplication key. While a task of the same name with this key waits (`scheduled` or
    * `pending`) or runs (`running`), `perform` enqueues nothing and resolves to that task's id.
    * The key is free again once the task completes, fails, or is cancelled. Only
-   * {@linkcode perform} and {@linkcode performDetailed} take it. It may not contain NUL
-   * characters.
+   * {@linkcode perform} and {@linkcode performDetailed} take it. It has 1 to 1000 UTF-16
+   * code units, and no NUL character or lone surrogate.
    */
   key?: string;
   /**
@@ -504,6 +504,9 @@ export interface PerformOptions {
    * and call {@linkcode Database.ready} before opening it. Do not open the transaction on a
    * second client of the same file in the same process: a tasklite write that waits for its
    * lock blocks the event loop, so the transaction cannot commit until the busy timeout.
+   * A transaction on another database is rejected; for a client passed to `openDatabase`,
+   * only once {@linkcode Database.ready} has resolved (before that, tasklite cannot ask the
+   * client for its file while the transaction may hold its one connection).
    */
   transaction?: Transaction;
 }
@@ -1200,7 +1203,7 @@ function findItemProblem(
   return undefined;
 }
 
-/** `where` followed by each key: `.name` for an identifier, `[0]` or `["a b"]` otherwise. */
+/** Returns `where` followed by each key: `.name` for an identifier, `[0]` or `["a b"]` otherwise. */
 function pathOf(where: string, keys: ReadonlyArray<string | number>): string {
   let path = where;
   for (const key of keys) {
@@ -1471,11 +1474,12 @@ const sql = {
   dataVersion: "PRAGMA data_version",
   // The path of the main database file, or "" in memory: identifies the file of a transaction.
   mainFile: "SELECT file FROM pragma_database_list WHERE name = 'main'",
-  // An in-memory database has no file, so its one connection gets a mark in a temporary table.
+  // An in-memory database has no file, so its one connection gets a mark in a temporary table:
+  // one mark for each Database opened on it.
   createConnectionMark: "CREATE TEMP TABLE IF NOT EXISTS tasklite_connection (mark TEXT NOT NULL)",
-  clearConnectionMark: "DELETE FROM temp.tasklite_connection",
   insertConnectionMark: "INSERT INTO temp.tasklite_connection (mark) VALUES (?)",
-  connectionMark: "SELECT mark FROM temp.tasklite_connection",
+  hasConnectionMark:
+    "SELECT EXISTS (SELECT 1 FROM temp.tasklite_connection WHERE mark = ?) AS found",
   connectionState:
     "SELECT data_version, synchronous, timeout FROM pragma_data_version, pragma_synchronous, pragma_busy_timeout",
 
@@ -1999,23 +2003,22 @@ class SqliteStorage {
     return String(result.rows[0]?.file ?? "");
   }
 
-  /** Gives the connection of an in-memory database the mark that identifies it. */
+  /** Adds a mark that identifies the connection of an in-memory database. */
   async markConnection(mark: string): Promise<void> {
     await this.run([
       { sql: sql.createConnectionMark, args: [] },
-      { sql: sql.clearConnectionMark, args: [] },
       { sql: sql.insertConnectionMark, args: [mark] },
     ]);
   }
 
-  /** Returns the mark of the connection of `transaction`, or undefined when it has none. */
-  async connectionMark(transaction: Transaction): Promise<string | undefined> {
+  /** Returns whether the connection of `transaction` has the mark. */
+  async hasConnectionMark(transaction: Transaction, mark: string): Promise<boolean> {
     try {
-      const result = await transaction.execute(sql.connectionMark);
-      return result.rows[0]?.mark as string | undefined;
+      const result = await transaction.execute({ sql: sql.hasConnectionMark, args: [mark] });
+      return Boolean(result.rows[0].found);
     } catch {
       // No mark table: the connection is not one that tasklite marked.
-      return undefined;
+      return false;
     }
   }
 
@@ -2610,6 +2613,7 @@ class TaskDatabase implements Database {
     options: ParsedDatabaseOptions,
     identity: string,
     closeClient: (() => void) | undefined,
+    path?: string,
   ) {
     this.client = client;
     this.url = url;
@@ -2621,9 +2625,7 @@ class TaskDatabase implements Database {
     this.#watchInterval = options.watchInterval;
     this.storage = new SqliteStorage(client, closeClient !== undefined);
     this.identity = identity;
-    if (this.#shared && url !== undefined) {
-      this.#file = new DatabaseFile(identity.slice("file:".length));
-    }
+    if (this.#shared && path !== undefined) this.#file = new DatabaseFile(path);
   }
 
   get closed(): boolean {
@@ -2635,7 +2637,7 @@ class TaskDatabase implements Database {
     return this.#isReady;
   }
 
-  /** The path of a local file that tasklite opened, symbolic links resolved; else undefined. */
+  /** The absolute path of a local file that tasklite opened; undefined for other databases. */
   get localPath(): string | undefined {
     return this.#file?.path;
   }
@@ -3157,8 +3159,9 @@ export function openDatabase(
         `check how the URL was built`,
     );
   }
-  const memory = url === ":memory:" || url === "file::memory:";
   const scheme = /^[a-z][a-z0-9+.-]*:/i.exec(url)?.[0].toLowerCase();
+  // "file::memory:" with query parameters such as "?cache=shared" is in memory too.
+  const memory = url === ":memory:" || (scheme === "file:" && filePathOf(url) === ":memory:");
   if (!memory && scheme !== "file:" && !remoteSchemes.includes(scheme ?? "")) {
     throw new TypeError(
       `Invalid database URL ${JSON.stringify(url)}: use "file:" followed by a path for a ` +
@@ -3201,12 +3204,14 @@ export function openDatabase(
   }
   shared.users++;
   const entry = shared;
+  // The file check watches the path as given, so a symbolic link that is pointed at another
+  // file counts as the file being replaced.
   return new TaskDatabase(entry.client, url, parsed, identity, () => {
     entry.users--;
     if (entry.users > 0) return;
     entry.client.close();
     if (sharedClients.get(identity) === entry) sharedClients.delete(identity);
-  });
+  }, absolute);
 }
 
 /**
@@ -3271,7 +3276,10 @@ function createDatabaseClient(
     const cannotOpen = /unable to open|CANTOPEN/i.test(message);
     throw new TypeError(
       `Cannot open database ${JSON.stringify(url)}: ${message}` +
-        (cannotOpen ? ". Check that the path's directory exists and is writable." : ""),
+        (cannotOpen
+          ? ". Check that the path's directory exists and is writable, and that the path is " +
+            "shorter than 512 bytes (SQLite's limit on Unix)."
+          : ""),
       { cause: error },
     );
   }
@@ -3539,9 +3547,9 @@ const performOptionsSchema = v.strictObject({
   priority: v.optional(integerSchema(-1_000_000, 1_000_000), 0),
   key: v.optional(
     v.pipe(
-      v.string("a string of 1 to 1000 characters"),
-      v.minLength(1, "a string of 1 to 1000 characters"),
-      v.maxLength(1_000, "a string of 1 to 1000 characters"),
+      v.string("a string of 1 to 1000 UTF-16 code units (an emoji is 2)"),
+      v.minLength(1, "a string of 1 to 1000 UTF-16 code units (an emoji is 2)"),
+      v.maxLength(1_000, "a string of 1 to 1000 UTF-16 code units (an emoji is 2)"),
       // libSQL returns text only up to its first NUL, so such a key would read back cut short.
       v.check((key) => !key.includes("\0"), "a string without NUL characters (\\u0000)"),
       // SQLite stores text as UTF-8, where a lone surrogate becomes U+FFFD, so such keys collide.
@@ -3854,7 +3862,7 @@ async function checkTransaction(
   // Undefined when neither is known: a remote database, or a client passed in, before ready().
   let same: boolean | undefined;
   if (database.mainFile === "") {
-    same = file === "" && await database.storage.connectionMark(transaction) === database.identity;
+    same = file === "" && await database.storage.hasConnectionMark(transaction, database.identity);
   } else if (database.mainFile !== undefined) {
     same = file === database.mainFile;
   } else if (database.localPath !== undefined) {

@@ -113,7 +113,7 @@ describe("tasklite CLI", () => {
     [["purge", "--state", "pending", "--older-than", "1d"], 'invalid --state "pending"'],
     [["purge", "--state", "failed"], "missing --older-than"],
     [["purge", "--state", "failed", "--older-than", "a week"], 'invalid --older-than "a week"'],
-    [["status", "--db", "tasks.db"], 'invalid --db: Invalid database URL "tasks.db"'],
+    [["status", "--db", "tasks.db"], 'invalid database from --db: Invalid database URL "tasks.db"'],
     [["run"], 'missing <dir>: usage is "tasklite run <dir>"'],
   ])("%p is rejected with one line naming the argument", (args, message) => {
     const result = tasklite(args);
@@ -179,7 +179,10 @@ describe("tasklite CLI", () => {
       if (command === "purge") args.push("--state", "failed", "--older-than", "0");
       const result = tasklite(args, { cwd: directory });
 
-      expectUsageError(result, `invalid --db: No database file at ${join(directory, "typo.db")}`);
+      expectUsageError(
+        result,
+        `invalid database from --db: No database file at ${join(directory, "typo.db")}`,
+      );
       expect(readdirSync(directory)).toEqual([]);
     });
   }
@@ -193,14 +196,14 @@ describe("tasklite CLI", () => {
     });
     expectUsageError(
       fromVariable,
-      `invalid TASKLITE_DB: No database file at ${join(directory, "nope.db")}`,
+      `invalid database from TASKLITE_DB: No database file at ${join(directory, "nope.db")}`,
     );
 
     const fromDefault = tasklite(["list"], { cwd: directory, env: { TASKLITE_DB: "" } });
     expectUsageError(
       fromDefault,
-      `no --db and no TASKLITE_DB, so the default "file:tasks.db" was used: No database file ` +
-        `at ${join(directory, "tasks.db")}`,
+      `invalid database from the default "file:tasks.db" (no --db, TASKLITE_DB empty): No ` +
+        `database file at ${join(directory, "tasks.db")}`,
     );
     expect(readdirSync(directory)).toEqual([]);
   });
@@ -214,7 +217,8 @@ describe("tasklite CLI", () => {
     const result = tasklite(["status", "--db", url]);
     expect(result.status).toBe(1);
     expect(result.stderr).toBe(
-      `tasklite status: No tasklite tables in ${url}: it has no "tasks" table; check that ` +
+      `tasklite status: database from --db: No tasklite tables in ${url}: it has no "tasks" ` +
+        `table; check that ` +
         `this is the application's database (with create: false, tasklite creates no tables)\n`,
     );
     const check = createClient({ url: `file:${join(directory, "tasks.db")}` });

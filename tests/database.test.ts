@@ -175,6 +175,24 @@ describe("openDatabase()", () => {
     database.close();
   });
 
+  test("file::memory: with query parameters is in memory, not a file", async () => {
+    const directory = temporaryDirectory();
+    const previous = process.cwd();
+    process.chdir(directory);
+    try {
+      const database = openDatabase("file::memory:?cache=shared");
+      const task = defineDatabaseTask(database, { name: "mail", process() {} });
+      await perform(task, 1);
+      expect((await listTasks(database)).length).toBe(1);
+      database.close();
+      // No file is looked for: with create: false, a missing file would throw here.
+      openDatabase("file::memory:?cache=private", { create: false }).close();
+      expect(readdirSync(directory)).toEqual([]);
+    } finally {
+      process.chdir(previous);
+    }
+  });
+
   test("works on :memory:", async () => {
     const database = openDatabase(":memory:");
     const task = defineDatabaseTask(database, { name: "memory", process() {} });

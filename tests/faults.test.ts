@@ -1,6 +1,6 @@
 import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { spawn } from "node:child_process";
-import { existsSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, renameSync, rmSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createClient } from "@libsql/client";
@@ -29,6 +29,17 @@ setDefaultTimeout(20_000);
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
 
 const { open, start } = useResources();
+
+/** A task that polls every 50 ms and records the data of each run in `runs`. */
+function recordingTask(on: Database, name: string, runs: number[]) {
+  return defineDatabaseTask<number>(on, {
+    name,
+    pollInterval: 50,
+    process({ data }) {
+      runs.push(data);
+    },
+  });
+}
 
 describe("database faults", () => {
   test("unwritten result keeps its lease", async () => {
@@ -72,14 +83,7 @@ describe("database faults", () => {
     const url = `file:${path}`;
     const database = open(url);
     const runs: number[] = [];
-    const define = (on: Database) =>
-      defineDatabaseTask<number>(on, {
-        name: "moved",
-        pollInterval: 50,
-        process({ data }) {
-          runs.push(data);
-        },
-      });
+    const define = (on: Database) => recordingTask(on, "moved", runs);
     await perform(define(database), 1);
     const logger = captureLogger();
     await start([define(database)], { logger });
@@ -110,6 +114,34 @@ describe("database faults", () => {
       synchronous: 1,
       timeout: 5_000,
     });
+  });
+
+  test("a symbolic link pointed at another file counts as a replaced file", async () => {
+    const directory = temporaryDirectory();
+    mkdirSync(join(directory, "v1"));
+    mkdirSync(join(directory, "v2"));
+    symlinkSync(join(directory, "v1"), join(directory, "current"));
+    const path = join(directory, "current", "tasks.db");
+    const database = open(`file:${path}`);
+    const runs: number[] = [];
+    const define = (on: Database) => recordingTask(on, "switched", runs);
+    await perform(define(database), 1);
+    const logger = captureLogger();
+    await start([define(database)], { logger });
+    await waitFor(() => runs.length === 1);
+
+    // A deploy switches the link to a new folder, whose database another process fills.
+    const next = createClient({ url: `file:${join(directory, "v2", "tasks.db")}`, timeout: 5_000 });
+    await perform(define(open(next)), 2);
+    symlinkSync(join(directory, "v2"), join(directory, "next"));
+    renameSync(join(directory, "next"), join(directory, "current"));
+
+    await waitFor(() => runs.length === 2, { timeout: 10_000 });
+    expect(runs).toEqual([1, 2]);
+    expect(logger.messages("warn")).toEqual([
+      `The database file ${JSON.stringify(path)} was replaced or restored while tasklite had ` +
+      "it open; tasklite reopened it",
+    ]);
   });
 
   test("read-only database pauses runners", async () => {

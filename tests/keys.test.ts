@@ -241,7 +241,8 @@ describe('perform() with onConflict: "replace"', () => {
 });
 
 describe("perform() key options", () => {
-  const keyExpected = 'Invalid perform() option "key": expected a string of 1 to 1000 characters';
+  const keyExpected =
+    'Invalid perform() option "key": expected a string of 1 to 1000 UTF-16 code units (an emoji is 2)';
   test.each([
     ["an empty key", { key: "" }, keyExpected],
     ["a number as key", { key: 5 }, keyExpected],

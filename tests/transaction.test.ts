@@ -201,6 +201,9 @@ describe("perform() with a transaction", () => {
         'option "transaction": it is on another in-memory database than the task\'s',
       );
       other.close();
+      // A second Database on the same client, as drizzle's $client gives, adds its own mark.
+      const again = openDatabase(memory.client);
+      await again.ready();
       const own = await memory.client.transaction("write");
       await perform(inMemory, 1, { transaction: own });
       await own.commit();
