@@ -30,7 +30,7 @@ const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(reso
 
 const { open, start } = useResources();
 
-/** A task that polls every 50 ms and records the data of each run in `runs`. */
+/** Defines a task that polls every 50 ms and records the data of each run in `runs`. */
 function recordingTask(on: Database, name: string, runs: number[]) {
   return defineDatabaseTask<number>(on, {
     name,
