@@ -6703,16 +6703,20 @@ function watchUnknownNames(
   definitions: TaskInternals[],
   logger: Logger,
 ): ReturnType<typeof setInterval> {
-  const knownByDatabase = new Map<TaskDatabase, Set<string>>();
+  // By file, not by Database object: two Databases opened on one file share its rows.
+  const byIdentity = new Map<string, { databases: TaskDatabase[]; known: Set<string> }>();
   for (const definition of definitions) {
-    const known = knownByDatabase.get(definition.database) ?? new Set();
-    known.add(definition.name);
-    knownByDatabase.set(definition.database, known);
+    const entry = byIdentity.get(definition.database.identity) ??
+      { databases: [], known: new Set<string>() };
+    if (!entry.databases.includes(definition.database)) entry.databases.push(definition.database);
+    entry.known.add(definition.name);
+    byIdentity.set(definition.database.identity, entry);
   }
   const warned = new Set<string>();
   const check = async () => {
-    for (const [database, known] of knownByDatabase) {
-      if (database.closed) continue;
+    for (const { databases, known } of byIdentity.values()) {
+      const database = databases.find((each) => !each.closed);
+      if (database === undefined) continue;
       let pending: string[];
       try {
         pending = await database.storage.pendingNames();

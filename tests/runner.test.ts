@@ -777,6 +777,24 @@ describe("runTasks()", () => {
     expect(await countByState(database)).toEqual({ pending: 2 });
   });
 
+  test("tasks on two Database objects of one file are both known", async () => {
+    const url = temporaryDatabaseUrl();
+    const first = open(url);
+    const second = open(url);
+    const logger = captureLogger();
+    const runs: string[] = [];
+    const a = defineDatabaseTask(first, { name: "a", process: () => void runs.push("a") });
+    const b = defineDatabaseTask(second, { name: "b", process: () => void runs.push("b") });
+    // Delayed, so both rows are still waiting when the runner checks the names at its start.
+    await perform(a, 1, { delay: 300 });
+    await perform(b, 1, { delay: 300 });
+    await start([a, b], { logger });
+
+    await waitFor(() => runs.length === 2);
+    expect(runs.sort()).toEqual(["a", "b"]);
+    expect(logger.messages("warn")).toEqual([]);
+  });
+
   test("an expired lease of a dead runner is rescued and the lost attempt counts", async () => {
     const database = open();
     const attempts: number[] = [];
