@@ -548,7 +548,7 @@ async function withDatabase(
   }
   let database: Database;
   try {
-    // Commands inspect and change a queue that exists; they never create one at a mistyped path.
+    // These commands inspect and change an existing queue, so none creates one at a mistyped path.
     database = openDatabase(url, { create: false });
   } catch (error) {
     throw new UsageError(`invalid database from ${source}: ${(error as Error).message}`);

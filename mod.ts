@@ -2671,12 +2671,11 @@ class TaskDatabase implements Database {
         // A failed migration is not cached, so a later call tries again.
         this.#ready = undefined;
         if ((error as { code?: unknown })?.code === "SQLITE_NOTADB") {
+          const name = this.url === undefined ? "The client's database" : JSON.stringify(this.url);
+          const message = logText(toError(error));
           throw new Error(
-            `${
-              JSON.stringify(this.url ?? "The client's database")
-            } is not a SQLite database file (${
-              logText(toError(error))
-            }); check the path, or move that file aside`,
+            `${name} is not a SQLite database file (${message}); check the path, or move that ` +
+              `file aside`,
             { cause: error },
           );
         }
@@ -3841,14 +3840,12 @@ async function insertWithOptions(
 }
 
 /**
- * Checks that the schema is in place before inserting through a transaction. `ready()` cannot
- * create it there: its statements would wait for the transaction, which waits for `perform`.
+ * Checks that `transaction` is on the task's database and, before `ready()`, that the tables
+ * are in place. `ready()` cannot create them there: its statements would wait for the
+ * transaction, which waits for `perform`. Each transaction is checked once per database.
  *
- * @throws {Error} When the `tasks` table is missing or lacks columns.
- */
-/**
- * Checks that `transaction` is on the task's database file and that its tables are set up.
- * Each transaction is checked once per database.
+ * @throws {Error} When the transaction is on another database, or the `tasks` table is missing
+ *   or lacks columns.
  */
 async function checkTransaction(
   database: TaskDatabase,
@@ -6434,9 +6431,9 @@ async function loadTaskDirectory(
  * first three inner messages are added.
  */
 function describeLoadError(error: unknown): string {
-  const withPosition = (each: unknown): string => {
-    const message = safeText((each as { message?: unknown })?.message ?? each);
-    const position = (each as { position?: { line?: unknown; column?: unknown } })?.position;
+  const withPosition = (thrown: unknown): string => {
+    const message = safeText((thrown as { message?: unknown })?.message ?? thrown);
+    const position = (thrown as { position?: { line?: unknown; column?: unknown } })?.position;
     return typeof position?.line === "number" && typeof position.column === "number"
       ? `${message} (line ${position.line}, column ${position.column})`
       : message;
@@ -6715,7 +6712,7 @@ function watchUnknownNames(
   const warned = new Set<string>();
   const check = async () => {
     for (const { databases, known } of byIdentity.values()) {
-      const database = databases.find((each) => !each.closed);
+      const database = databases.find((candidate) => !candidate.closed);
       if (database === undefined) continue;
       let pending: string[];
       try {

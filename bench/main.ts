@@ -380,7 +380,9 @@ function updateBenchmarksFile(report: string): void {
   const formatted = spawnSync(join(binDirectory, "deno"), ["fmt", "--quiet", file], {
     stdio: ["ignore", "inherit", "inherit"],
   });
-  if (formatted.status !== 0) console.error("bench: deno fmt BENCHMARKS.md failed");
+  if (formatted.status !== 0) {
+    console.error("bench: deno fmt BENCHMARKS.md failed; run `npx deno fmt BENCHMARKS.md`");
+  }
 }
 
 await main();

@@ -116,7 +116,7 @@ describe("database faults", () => {
     });
   });
 
-  test("a symbolic link pointed at another file counts as a replaced file", async () => {
+  test("a switched symbolic link reopens the database", async () => {
     const directory = temporaryDirectory();
     mkdirSync(join(directory, "v1"));
     mkdirSync(join(directory, "v2"));

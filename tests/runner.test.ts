@@ -841,7 +841,7 @@ describe("runTasks()", () => {
   });
 
   for (const [count, label] of [[1, "one task"], [3, "a batch of three"]] as const) {
-    test(`a success is not recorded once another runner holds the lease (${label})`, async () => {
+    test(`a lost lease records no success (${label})`, async () => {
       const database = open();
       const logger = captureLogger();
       const releases: Array<() => void> = [];
@@ -854,7 +854,7 @@ describe("runTasks()", () => {
       await start([task], { logger });
       await waitFor(() => releases.length === count);
 
-      // Another runner rescued the rows and holds them now.
+      // Another runner rescued the rows, so their leases are its own now.
       await database.client.execute(
         "UPDATE tasks SET locked_by = 'other-runner', attempts = attempts + 1",
       );

@@ -146,7 +146,7 @@ describe("perform() with a transaction", () => {
     expect(await taskRows(database)).toEqual([]);
   });
 
-  test("rejects a transaction on another database file and writes nothing", async () => {
+  test("rejects another database file and writes nothing", async () => {
     const database = await openWithContacts();
     const other = await openWithContacts();
     const task = defineDatabaseTask(database, { name: "welcome", process() {} });
@@ -179,7 +179,7 @@ describe("perform() with a transaction", () => {
     expect(await taskRows(database)).toHaveLength(3);
   });
 
-  test("rejects a transaction of another database before ready() and in memory", async () => {
+  test("rejects another database before ready() and in memory", async () => {
     const ready = await openWithContacts();
     const notReady = open();
     const task = defineDatabaseTask(notReady, { name: "welcome", process() {} });
